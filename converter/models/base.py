@@ -1,0 +1,167 @@
+"""The vocabulary a model family file uses to describe itself as data."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from ..errors import ConversionError
+from ..proto import llm_params_pb2
+
+
+class Role(enum.Enum):
+    """What a base tensor is; decides its encoding (quantized or raw float32)."""
+
+    EMBEDDING = "embedding"
+    ATTENTION = "attention"
+    FEEDFORWARD = "feedforward"
+    NORM = "norm"
+    BIAS = "bias"
+
+    @property
+    def quantized(self) -> bool:
+        return self in (Role.EMBEDDING, Role.ATTENTION, Role.FEEDFORWARD)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The hyperparameters that decide tensor shapes, read from config.json."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def shape(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        """Evaluate a symbolic shape such as ("q_size", "hidden_size")."""
+        return tuple(getattr(self, name) for name in names)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One base tensor: its Hugging Face name, MediaPipe name, role and symbolic shape.
+
+    Names may contain `{i}` for the layer index. `lookup_order` marks the embedding that the
+    runtime looks up first: its tensors are stored as `w, w.sum_i, w_quantized_scale`
+    instead of `w_quantized_scale, w, w.sum_i`.
+    """
+
+    hf: str
+    mp: str
+    role: Role
+    shape: tuple[str, ...]
+    lookup_order: bool = False
+
+
+@dataclass(frozen=True)
+class LoraRule:
+    """A LoRA target: PEFT module name, MediaPipe prefix and which name each half gets.
+
+    `transposed_in_mediapipe` marks the target that MediaPipe 0.10.21 encoded as a reshape of
+    the transposed matrices (o_proj); only `--mediapipe-compat` reproduces that.
+    """
+
+    hf_module: str
+    mp: str
+    a_name: str
+    b_name: str
+    in_features: str
+    out_features: str
+    transposed_in_mediapipe: bool = False
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """A MediaPipe model type: enum value and the real hyperparameters of its checkpoints."""
+
+    name: str
+    enum_value: int
+    reference: Dims
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything the converter knows about one architecture family, as data."""
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    model_types: tuple[ModelType, ...]
+    head: tuple[WeightRule, ...]
+    layer: tuple[WeightRule, ...]
+    tail: tuple[WeightRule, ...]
+    lora: tuple[LoraRule, ...]
+    required_lora: tuple[str, ...]
+    ignored: tuple[str, ...]
+    parameters: Callable[[Dims, dict], llm_params_pb2.LlmParameters]
+    quantizations: tuple[str, ...] = ("int8", "int4", "fp16", "fp32")
+    backends: tuple[str, ...] = ("gpu",)
+    layer_prefix: str = "model.layers.{i}."
+    mp_layer_prefix: str = "params.lm.transformer.x_layers_{i}."
+    config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def model_type(self, name: str) -> ModelType:
+        return next(t for t in self.model_types if t.name == name)
+
+    def lora_rule(self, module: str) -> LoraRule | None:
+        return next((rule for rule in self.lora if rule.hf_module == module), None)
+
+
+# config.json keys for each Dims field, first match wins.
+DEFAULT_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "num_layers": ("num_hidden_layers", "n_layer"),
+    "hidden_size": ("hidden_size", "n_embd"),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "vocab_size": ("vocab_size",),
+}
+
+
+def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
+    """Read Dims from a config.json dict; kv heads default to heads, head_dim to hidden/heads."""
+    keys = {**DEFAULT_CONFIG_KEYS, **family.config_keys}
+    values: dict[str, int] = {}
+    for name, candidates in keys.items():
+        found = next((config[k] for k in candidates if config.get(k) is not None), None)
+        if found is not None:
+            if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
+                raise ConversionError(f"{source}: {candidates[0]} must be a positive integer, got {found!r}")
+            values[name] = found
+    values.setdefault("num_kv_heads", values.get("num_heads", 0))
+    if "head_dim" not in values and values.get("num_heads"):
+        values["head_dim"] = values.get("hidden_size", 0) // values["num_heads"]
+    missing = [keys[name][0] for f in fields(Dims) if (name := f.name) not in values]
+    if missing:
+        raise ConversionError(f"{source}: missing {', '.join(missing)}")
+    return Dims(**values)
+
+
+def kv_heads_field(dims: Dims) -> int:
+    """MediaPipe's num_kv_heads: 0 means multi-head attention (as many KV heads as heads)."""
+    return 0 if dims.num_kv_heads == dims.num_heads else dims.num_kv_heads
+
+
+def rope_theta(config: dict) -> float:
+    """The rotary base, from either transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
+    parameters = config.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def is_close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6)

@@ -1,0 +1,282 @@
+"""The MediaPipe GPU weights file: a TFLite flatbuffer whose tensor data lives outside it.
+
+Layout (what MediaPipe's GPU converter writes and its runtimes load):
+- Model: version 3, one subgraph named after the model type, buffers, metadata.
+- Buffer 0 is empty; metadata blobs take the next buffers; tensor k then uses the buffer
+  after them. Every non-empty buffer has `offset`/`size` and no inline data.
+- Each tensor is 1-D with `shape = [byte size]`, `has_rank = true`, and a `type` only when
+  it is not FLOAT32.
+- Data starts at `roundup(flatbuffer size, 64 KiB)`, each buffer at a 256-byte boundary, in
+  buffer order; the file is zero-padded to a multiple of 64 KiB.
+Tables are built in the order (and with the field order) of flatc's C++ object API, which
+is what makes the flatbuffer region itself byte-identical to MediaPipe's.
+
+The writer sizes the file first, then hands out writable views of each tensor's bytes so a
+converter can stream into them; pages are released as it goes. It writes to a temporary
+name and renames on success, so a failure never leaves a partial file.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from .errors import ConversionError
+
+FILE_IDENTIFIER = b"TFL3"
+SCHEMA_VERSION = 3
+DATA_ALIGNMENT = 256
+FILE_ALIGNMENT = 65536
+PAGE = mmap.PAGESIZE
+
+FLOAT32 = schema.TensorType.FLOAT32
+FLOAT16 = schema.TensorType.FLOAT16
+INT32 = schema.TensorType.INT32
+INT8 = schema.TensorType.INT8
+INT4 = schema.TensorType.INT4
+TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+# Metadata names MediaPipe's runtimes look for.
+LLM_PARAMETERS = "odml.infra.proto.LlmParameters"
+SPM_VOCAB_MODEL = "spm_vocab_model"
+LLM_MODEL_TYPE = "odml.infra.LlmModelType"
+BACKEND = "backend"
+LORA_RANK = "lora_rank"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: name, TFLite type and size in bytes."""
+
+    name: str
+    type: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor as found in a file: where its bytes are."""
+
+    name: str
+    type: int
+    offset: int
+    nbytes: int
+
+
+# A metadata value is either a blob (stored in its own buffer) or an int stored in the
+# metadata's buffer field itself (MediaPipe's way for the model type and LoRA rank).
+MetadataValue = bytes | int
+
+
+def roundup(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _build_flatbuffer(
+    subgraph_name: str, tensors: list[TensorSpec], metadata: list[tuple[str, MetadataValue]],
+    blob_offsets: list[int], tensor_offsets: list[int],
+) -> bytes:
+    """Serialize the model table; objects are created in the order MediaPipe's C++ creates them."""
+    builder = flatbuffers.Builder(1024 * 64)
+    buffer_tables = [_buffer(builder, 0, 0)]
+    metadata_tables = []
+    blobs = iter(blob_offsets)
+    for key, value in metadata:
+        if isinstance(value, bytes):
+            buffer_tables.append(_buffer(builder, next(blobs), len(value)))
+            value = len(buffer_tables) - 1
+        name = builder.CreateString(key)
+        schema.MetadataStart(builder)
+        schema.MetadataAddBuffer(builder, value)
+        schema.MetadataAddName(builder, name)
+        metadata_tables.append(schema.MetadataEnd(builder))
+
+    tensor_tables = []
+    for spec, offset in zip(tensors, tensor_offsets):
+        buffer_tables.append(_buffer(builder, offset, spec.nbytes))
+        shape = builder.CreateNumpyVector(np.array([spec.nbytes], dtype=np.int32))
+        name = builder.CreateString(spec.name)
+        schema.TensorStart(builder)
+        schema.TensorAddName(builder, name)
+        schema.TensorAddBuffer(builder, len(buffer_tables) - 1)
+        schema.TensorAddShape(builder, shape)
+        schema.TensorAddHasRank(builder, True)
+        if spec.type != FLOAT32:
+            schema.TensorAddType(builder, spec.type)
+        tensor_tables.append(schema.TensorEnd(builder))
+
+    tensor_vector = _offset_vector(builder, schema.SubGraphStartTensorsVector, tensor_tables)
+    graph_name = builder.CreateString(subgraph_name)
+    schema.SubGraphStart(builder)
+    schema.SubGraphAddName(builder, graph_name)
+    schema.SubGraphAddTensors(builder, tensor_vector)
+    subgraphs = _offset_vector(builder, schema.ModelStartSubgraphsVector, [schema.SubGraphEnd(builder)])
+    buffers = _offset_vector(builder, schema.ModelStartBuffersVector, buffer_tables)
+    metadata_vector = _offset_vector(builder, schema.ModelStartMetadataVector, metadata_tables)
+
+    schema.ModelStart(builder)
+    schema.ModelAddMetadata(builder, metadata_vector)
+    schema.ModelAddBuffers(builder, buffers)
+    schema.ModelAddSubgraphs(builder, subgraphs)
+    schema.ModelAddVersion(builder, SCHEMA_VERSION)
+    builder.Finish(schema.ModelEnd(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _buffer(builder: flatbuffers.Builder, offset: int, size: int) -> int:
+    """A Buffer table pointing at external data (or the empty buffer when size is 0)."""
+    schema.BufferStart(builder)
+    if size:
+        schema.BufferAddSize(builder, size)
+        schema.BufferAddOffset(builder, offset)
+    return schema.BufferEnd(builder)
+
+
+def _offset_vector(builder: flatbuffers.Builder, start, offsets: list[int]) -> int:
+    start(builder, len(offsets))
+    for offset in reversed(offsets):
+        builder.PrependUOffsetTRelative(offset)
+    return builder.EndVector()
+
+
+@dataclass(frozen=True)
+class Layout:
+    flatbuffer: bytes
+    blob_offsets: list[int]
+    tensor_offsets: list[int]
+    file_size: int
+
+
+def plan_layout(subgraph_name: str, tensors: list[TensorSpec], metadata: list[tuple[str, MetadataValue]]) -> Layout:
+    """Place the flatbuffer and every buffer; the flatbuffer's size does not depend on offsets."""
+    blobs = [v for _, v in metadata if isinstance(v, bytes)]
+    sizes = [len(b) for b in blobs] + [t.nbytes for t in tensors]
+
+    def offsets_from(first: int) -> list[int]:
+        result, position = [], first
+        for size in sizes:
+            result.append(position)
+            position = roundup(position + size, DATA_ALIGNMENT)
+        return result
+
+    first = FILE_ALIGNMENT
+    while True:
+        offsets = offsets_from(first)
+        flatbuffer = _build_flatbuffer(subgraph_name, tensors, metadata, offsets[: len(blobs)], offsets[len(blobs):])
+        needed = roundup(len(flatbuffer), FILE_ALIGNMENT)
+        if needed == first:
+            break
+        first = needed
+    end = offsets[-1] + sizes[-1] if sizes else first
+    return Layout(flatbuffer, offsets[: len(blobs)], offsets[len(blobs):], roundup(end, FILE_ALIGNMENT))
+
+
+class WeightFileWriter:
+    """Streams tensors into a new weights file; use as a context manager.
+
+    On a clean exit the temporary file is renamed over `path`; on an exception it is removed.
+    """
+
+    def __init__(self, path: Path, subgraph_name: str, tensors: list[TensorSpec],
+                 metadata: list[tuple[str, MetadataValue]]):
+        self.path = Path(path)
+        self.layout = plan_layout(subgraph_name, tensors, metadata)
+        self._specs = {spec.name: (spec, offset) for spec, offset in zip(tensors, self.layout.tensor_offsets)}
+        if len(self._specs) != len(tensors):
+            raise ConversionError(f"{path}: duplicate tensor names in the output plan")
+        self._blobs = [v for _, v in metadata if isinstance(v, bytes)]
+        self._file = None
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> "WeightFileWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._file = os.fdopen(fd, "w+b")
+        self._file.truncate(self.layout.file_size)
+        self._file.write(self.layout.flatbuffer)
+        for blob, offset in zip(self._blobs, self.layout.blob_offsets):
+            self._file.seek(offset)
+            self._file.write(blob)
+        self._file.flush()
+        self._map = mmap.mmap(self._file.fileno(), self.layout.file_size, access=mmap.ACCESS_WRITE)
+        return self
+
+    def view(self, name: str) -> np.ndarray:
+        """Writable uint8 view of a tensor's bytes in the output file."""
+        spec, offset = self._specs[name]
+        return np.frombuffer(self._map, dtype=np.uint8, count=spec.nbytes, offset=offset)
+
+    def release(self, name: str) -> None:
+        """Drop a finished tensor's pages from this process (they stay in the page cache)."""
+        spec, offset = self._specs[name]
+        start = offset // PAGE * PAGE
+        end = min(roundup(offset + spec.nbytes, PAGE), self.layout.file_size)
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._map is not None:
+                if exc_type is None:
+                    self._map.flush()
+                self._map.close()
+            self._file.close()
+        finally:
+            if exc_type is None:
+                os.replace(self._temp, self.path)
+            elif os.path.exists(self._temp):
+                os.unlink(self._temp)
+
+
+class WeightFile:
+    """Reads a GPU weights file (ours or MediaPipe's): tensors, metadata, raw bytes."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"{self.path}: cannot read ({exc})") from None
+        if len(self._data) < 8 or bytes(self._data[4:8]) != FILE_IDENTIFIER:
+            raise ConversionError(f"{self.path}: not a TFLite weights file (no TFL3 identifier)")
+        try:
+            model = schema.Model.GetRootAs(self._data, 0)
+            buffers = [model.Buffers(i) for i in range(model.BuffersLength())]
+            graph = model.Subgraphs(0)
+            self.subgraph_name = graph.Name().decode()
+            self.tensors: dict[str, TensorEntry] = {}
+            for i in range(graph.TensorsLength()):
+                tensor = graph.Tensors(i)
+                buffer = buffers[tensor.Buffer()]
+                name = tensor.Name().decode()
+                self.tensors[name] = TensorEntry(name, tensor.Type(), buffer.Offset(), buffer.Size())
+            self.metadata: dict[str, MetadataValue] = {}
+            for i in range(model.MetadataLength()):
+                item = model.Metadata(i)
+                key, index = item.Name().decode(), item.Buffer()
+                if key in (LLM_MODEL_TYPE, LORA_RANK):
+                    self.metadata[key] = index
+                else:
+                    buffer = buffers[index]
+                    self.metadata[key] = bytes(self._data[buffer.Offset(): buffer.Offset() + buffer.Size()])
+        except (IndexError, AttributeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise ConversionError(f"{self.path}: corrupt TFLite weights file ({exc})") from None
+        for entry in self.tensors.values():
+            if entry.offset + entry.nbytes > len(self._data):
+                raise ConversionError(f"{self.path}: tensor {entry.name} lies beyond the end of the file (truncated?)")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor (read-only, memory-mapped)."""
+        entry = self.tensors[name]
+        return self._data[entry.offset: entry.offset + entry.nbytes]
+
+    def flatbuffer_size(self) -> int:
+        """Bytes before the first data buffer (the flatbuffer plus its padding)."""
+        offsets = [e.offset for e in self.tensors.values() if e.nbytes]
+        return min(offsets) if offsets else len(self._data)
