@@ -225,7 +225,10 @@ class WeightFileWriter:
             if self._map is not None:
                 if exc_type is None:
                     self._map.flush()
-                self._map.close()
+                try:
+                    self._map.close()
+                except BufferError:  # a view still alive in a traceback; freed with it
+                    pass
             self._file.close()
         finally:
             if exc_type is None:

@@ -1,0 +1,89 @@
+"""`lora-convert`: command-line front end of `converter.convert`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import config as options
+from .config import ConversionConfig
+from .convert import execute
+from .errors import ConversionError
+from .models import model_type_names
+from .plan import ConversionPlan, make_plan
+
+
+def print_plan(plan: ConversionPlan) -> None:
+    """One line per output tensor: input, output, input shape, dtype, encoding, bytes."""
+    sections = [(plan.config.output_path, plan.base)]
+    if plan.lora is not None:
+        sections.append((plan.config.lora_output_path, plan.lora))
+    for path, items in sections:
+        total = sum(item.nbytes for item in items)
+        click.echo(f"# {path}: {sum(len(i.outputs) for i in items)} tensors, {total:,} bytes of data")
+        click.echo(f"{'input':60} {'output':72} {'shape':>14} {'dtype':>9} {'encoding':>8} {'bytes':>13}")
+        for item in items:
+            shape = "x".join(map(str, item.shape))
+            for spec in item.outputs:
+                click.echo(f"{item.source or '(zeros)':60} {spec.name:72} {shape:>14} {item.dtype:>9} "
+                           f"{item.encoding:>8} {spec.nbytes:>13,}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--input-ckpt", required=True, help="Base checkpoint: file, folder (sharded too) or glob.")
+@click.option("--ckpt-format", type=click.Choice(options.CKPT_FORMATS), default="safetensors", show_default=True)
+@click.option("--model-type", required=True, metavar="TYPE", help=f"One of: {', '.join(model_type_names())}.")
+@click.option("--backend", type=click.Choice(options.BACKENDS), default="gpu", show_default=True)
+@click.option("--output-dir", required=True, help="Output folder (created if missing).")
+@click.option("--output-tflite-file", default=None, help="Base weights file [default: OUTPUT_DIR/model.tflite].")
+@click.option("--vocab-model-file", required=True, help="SentencePiece tokenizer.model of the base model.")
+@click.option("--lora-ckpt", default=None, help="LoRA adapter: PEFT folder or .safetensors/.bin file.")
+@click.option("--lora-rank", type=int, default=None, help="Rank the runtime is told (>= the adapter's rank).")
+@click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
+@click.option("--quantization", type=click.Choice(options.QUANTIZATIONS), default="int8", show_default=True,
+              help="Encoding of the base weight matrices.")
+@click.option("--lora-scaling", type=click.Choice(options.LORA_SCALINGS), default=None,
+              help="peft: fold lora_alpha/r into the weights (default); raw: store tensors as trained.")
+@click.option("--mediapipe-compat", is_flag=True,
+              help="Reproduce MediaPipe 0.10.21's bytes exactly, including its o_proj LoRA encoding that the "
+                   "runtime mis-applies, and raw LoRA scaling.")
+@click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+def main(dry_run: bool, quiet: bool, **kwargs) -> None:
+    """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
+    try:
+        plan = make_plan(ConversionConfig(**kwargs))
+    except ConversionError as exc:
+        fail(exc)
+    try:
+        if plan.adapter is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:
+            click.echo(f"note: zero-padding the rank-{plan.adapter.rank} adapter to rank {plan.config.lora_rank}",
+                       err=True)
+        if dry_run:
+            print_plan(plan)
+            return
+        total = sum(item.nbytes for item in plan.base + (plan.lora or []))
+        with progress_bar(total, quiet) as bar:
+            result = execute(plan, bar.update)
+    except ConversionError as exc:
+        fail(exc)
+    finally:
+        plan.close()
+    if not quiet:
+        click.echo(f"wrote {result.output}" + (f" and {result.lora_output}" if result.lora_output else ""), err=True)
+
+
+def progress_bar(total: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=True if quiet else None,
+                file=sys.stderr, leave=False)
+
+
+def fail(exc: ConversionError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The tensor plan: which input tensor becomes which output tensors, checked before writing.
+
+Planning reads only headers (and the small adapter), so every shape, name and option problem
+is reported before a single output byte is written; `--dry-run` prints the plan.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from . import tflite
+from .adapter import LoraAdapter, load_adapter
+from .checkpoint import TensorSource, open_checkpoint
+from .config import ConversionConfig
+from .errors import ConversionError
+from .models import find_model_type
+from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+FLOAT_TYPES = {"fp16": tflite.FLOAT16, "fp32": tflite.FLOAT32}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One input tensor (or a block of zeros) and the output tensors it becomes, in file order."""
+
+    source: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str  # int8 | int4 | fp16 | fp32 (tiled weights) | float32 (raw) | lora-A | lora-B
+    outputs: tuple[tflite.TensorSpec, ...]
+    lora_rule_transposed: bool = False  # o_proj halves in --mediapipe-compat
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.outputs)
+
+
+@dataclass
+class ConversionPlan:
+    config: ConversionConfig
+    family: ModelFamily
+    model_type: ModelType
+    dims: Dims
+    parameters: bytes
+    tokenizer: bytes
+    source: TensorSource
+    base: list[PlannedTensor]
+    adapter: LoraAdapter | None = None
+    lora: list[PlannedTensor] | None = None
+
+    def metadata(self, lora_rank: int | None = None) -> list[tuple[str, tflite.MetadataValue]]:
+        items: list[tuple[str, tflite.MetadataValue]] = [
+            (tflite.LLM_PARAMETERS, self.parameters),
+            (tflite.SPM_VOCAB_MODEL, self.tokenizer),
+            (tflite.LLM_MODEL_TYPE, self.model_type.enum_value),
+            (tflite.BACKEND, self.config.backend.encode()),
+        ]
+        if lora_rank is not None:
+            items.append((tflite.LORA_RANK, lora_rank))
+        return items
+
+    def close(self) -> None:
+        self.source.close()
+        if self.adapter is not None and self.adapter.source is not None:
+            self.adapter.source.close()
+
+
+def quantized_outputs(name: str, rows: int, cols: int, bits: int, lookup_order: bool) -> tuple[tflite.TensorSpec, ...]:
+    """`<n>_quantized_scale, <n>, <n>.sum_i` (lookup embedding: `<n>, <n>.sum_i, <n>_quantized_scale`)."""
+    data_type = tflite.INT8 if bits == 8 else tflite.INT4
+    weights = tflite.TensorSpec(name, data_type, rows * cols * bits // 8)
+    sums = tflite.TensorSpec(f"{name}.sum_i", tflite.INT32, rows * 4)
+    scale = tflite.TensorSpec(f"{name}_quantized_scale", tflite.FLOAT32, rows * 4)
+    return (weights, sums, scale) if lookup_order else (scale, weights, sums)
+
+
+def _read_config(checkpoint: Path) -> tuple[dict | None, Path]:
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = folder / "config.json"
+    if not path.is_file():
+        return None, path
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return config, path
+
+
+def resolve_dims(family: ModelFamily, model_type: ModelType, checkpoint: Path) -> tuple[Dims, dict]:
+    """Dims from config.json, checked against the model type; the type's real sizes without it."""
+    config, path = _read_config(checkpoint)
+    if config is None:
+        return model_type.reference, {}
+    hf_type = config.get("model_type")
+    if hf_type is not None and hf_type not in family.hf_model_types:
+        raise ConversionError(
+            f"{path}: model_type {hf_type!r} does not match --model-type {model_type.name} "
+            f"(expects {' or '.join(repr(t) for t in family.hf_model_types)})"
+        )
+    dims = dims_from_config(family, config, str(path))
+    for other in family.model_types:
+        if other is not model_type and dims == other.reference:
+            raise ConversionError(
+                f"{path}: the checkpoint has {other.name}'s shapes ({dims.describe()}), not {model_type.name}'s; "
+                f"use --model-type {other.name}"
+            )
+    return dims, config
+
+
+def _expand(rule: WeightRule, layer: int | None, family: ModelFamily) -> tuple[str, str]:
+    if layer is None:
+        return rule.hf, rule.mp
+    return family.layer_prefix.format(i=layer) + rule.hf, family.mp_layer_prefix.format(i=layer) + rule.mp
+
+
+def _check_tileable(name: str, shape: tuple[int, ...]) -> None:
+    if any(d % 4 for d in shape):
+        raise ConversionError(
+            f"tensor {name} has shape {list(shape)}: the GPU layout tiles 4x4, so both dimensions must be multiples of 4"
+        )
+
+
+def plan_base(family: ModelFamily, dims: Dims, source: TensorSource, quantization: str) -> list[PlannedTensor]:
+    """Map every checkpoint tensor to its outputs; refuse missing, misshaped or unknown tensors."""
+    expected: list[tuple[WeightRule, str, str]] = []
+    expected += [(rule, *_expand(rule, None, family)) for rule in family.head]
+    for layer in range(dims.num_layers):
+        expected += [(rule, *_expand(rule, layer, family)) for rule in family.layer]
+    expected += [(rule, *_expand(rule, None, family)) for rule in family.tail]
+    available = {_strip_prefix(name): name for name in source.names()}
+
+    plan = []
+    missing = []
+    for rule, hf_name, mp_name in expected:
+        name = available.pop(hf_name, None)
+        if name is None:
+            missing.append(hf_name)
+            continue
+        info = source.info(name)
+        want = dims.shape(rule.shape)
+        if info.shape != want:
+            raise ConversionError(f"tensor {name} has shape {list(info.shape)}, expected {list(want)} ({dims.describe()})")
+        plan.append(_plan_weight(rule, name, mp_name, info.shape, str(info.dtype).removeprefix("torch."), quantization))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConversionError(f"checkpoint is missing tensor(s) {shown} for a {dims.num_layers}-layer {family.name} model")
+    unknown = [name for key, name in available.items() if key not in family.ignored]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConversionError(f"checkpoint has tensor(s) that a {family.name} model does not: {shown}")
+    return plan
+
+
+def _strip_prefix(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ...], dtype: str,
+                 quantization: str) -> PlannedTensor:
+    if not rule.role.quantized:
+        return PlannedTensor(name, shape, dtype, "float32", (tflite.TensorSpec(mp_name, tflite.FLOAT32, shape[0] * 4),))
+    _check_tileable(name, shape)
+    rows, cols = shape
+    if quantization in QUANT_BITS:
+        bits = QUANT_BITS[quantization]
+        return PlannedTensor(name, shape, dtype, quantization,
+                             quantized_outputs(mp_name, rows, cols, bits, rule.lookup_order))
+    data_type = FLOAT_TYPES[quantization]
+    itemsize = 2 if data_type == tflite.FLOAT16 else 4
+    return PlannedTensor(name, shape, dtype, quantization, (tflite.TensorSpec(mp_name, data_type, rows * cols * itemsize),))
+
+
+def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, compat: bool) -> list[PlannedTensor]:
+    """LoRA halves as fp16 tile4 tensors, the A-derived one first, in the family's target order."""
+    plan = []
+    for pair in adapter.pairs:
+        rule = family.lora_rule(pair.module)
+        prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
+        in_features, out_features = getattr(dims, rule.in_features), getattr(dims, rule.out_features)
+        transposed = compat and rule.transposed_in_mediapipe
+        for half, key, name, shape in (
+            ("A", pair.a_key, rule.a_name, (rank, in_features)),
+            ("B", pair.b_key, rule.b_name, (out_features, rank)),
+        ):
+            dtype = str(adapter.source.info(key).dtype).removeprefix("torch.") if key else "zeros"
+            _check_tileable(key or f"{prefix}.{name}", shape)
+            spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * 2)
+            plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed))
+    return plan
+
+
+def read_tokenizer(path: Path, vocab_size: int) -> bytes:
+    """The SentencePiece model bytes, checked to load and to fit the model's vocabulary."""
+    if path.is_dir():
+        raise ConversionError(f"--vocab-model-file {path} is a folder; expected a SentencePiece .model file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConversionError(f"--vocab-model-file {path}: cannot read ({exc.strerror})") from None
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(data)
+    except (RuntimeError, OSError):
+        raise ConversionError(f"--vocab-model-file {path}: not a valid SentencePiece model") from None
+    if processor.vocab_size() > vocab_size:
+        raise ConversionError(
+            f"--vocab-model-file {path}: tokenizer has {processor.vocab_size()} pieces but the model's "
+            f"vocabulary has {vocab_size} rows"
+        )
+    return data
+
+
+def make_plan(config: ConversionConfig) -> ConversionPlan:
+    """Validate everything about a conversion and return its plan (nothing is written)."""
+    family, model_type = find_model_type(config.model_type)
+    if config.quantization not in family.quantizations:
+        raise ConversionError(f"--quantization {config.quantization} is not supported for {model_type.name}")
+    checkpoint = Path(config.input_ckpt)
+    dims, hf_config = resolve_dims(family, model_type, checkpoint)
+    parameters = family.parameters(dims, hf_config).SerializeToString()
+    tokenizer = read_tokenizer(Path(config.vocab_model_file), dims.vocab_size)
+    source = open_checkpoint(checkpoint, config.ckpt_format)
+    try:
+        base = plan_base(family, dims, source, config.quantization)
+        plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
+        if config.lora_ckpt is not None:
+            if not family.lora:
+                raise ConversionError(f"LoRA is not supported for {model_type.name}")
+            adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name)
+            plan.adapter = adapter
+            if config.lora_rank < adapter.rank:
+                raise ConversionError(
+                    f"--lora-rank {config.lora_rank} does not match the adapter's rank {adapter.rank} ({config.lora_ckpt})"
+                )
+            plan.lora = plan_lora(family, dims, adapter, config.lora_rank, config.mediapipe_compat)
+    except BaseException:
+        source.close()
+        raise
+    return plan
