@@ -30,16 +30,6 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_rows(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization of a float32 `[R, I]` chunk: (int8 values, f32 scales)."""
-    limit = qmax(bits)
-    bound = rows.abs().amax(dim=1)
-    scale = bound / limit
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    values = torch.round(rows / scale[:, None]).clamp_(-limit - 1, limit).to(torch.int8)
-    return values, scale
-
-
 def tile(rows: torch.Tensor) -> torch.Tensor:
     """`[R, I]` -> `[I/4, R/4, 4, 4]` (contiguous): the tile4 layout of a row chunk."""
     r, i = rows.shape
@@ -63,16 +53,58 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+class RowQuantizer:
+    """Quantizes row chunks of one width into the stored layout, reusing its work buffers.
+
+    Per chunk: `bound = max|w|` per row, `scale = bound / qmax` (0 -> 1),
+    `q = clip(round_half_even(w / scale))`, row sums of q, then `q + 2^(bits-1)` as unsigned
+    bytes (two nibbles per byte for int4, low first) in tile4 order.
+    """
+
+    def __init__(self, bits: int, max_rows: int, cols: int):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits, self.cols = bits, cols
+        self._values = torch.empty(max_rows, cols)
+        self._unsigned = torch.empty(max_rows, cols, dtype=torch.uint8)
+        # Float row sums are exact while |sum| < 2^24; wider rows sum in int32 instead.
+        self._float_sums = cols * 2 ** (bits - 1) < 2**24
+
+    def __call__(self, chunk: torch.Tensor, tiled_out: torch.Tensor, scale_out: torch.Tensor,
+                 sum_out: torch.Tensor) -> None:
+        """Quantize `chunk` [R, I]; write `tiled_out` [I/4, R*bits/2] bytes, `scale_out` [R], `sum_out` [R]."""
+        rows, limit = chunk.shape[0], qmax(self.bits)
+        values = self._values[:rows]
+        values.copy_(chunk)
+        bound = torch.maximum(values.amax(dim=1), values.amin(dim=1).neg_())
+        scale = bound.div_(limit)
+        scale.masked_fill_(scale == 0, 1.0)
+        # |w| <= bound makes |w / scale| <= qmax (+ rounding error < 0.5), so no clamp is needed.
+        values.div_(scale[:, None]).round_()
+        if self._float_sums:
+            sum_out.copy_(values.sum(dim=1))
+        else:
+            sum_out.copy_(values.to(torch.int32).sum(dim=1))
+        scale_out.copy_(scale)
+        unsigned = self._unsigned[:rows]
+        unsigned.copy_(values.add_(2 ** (self.bits - 1)))
+        tiles = unsigned.view(rows // TILE, TILE, self.cols // TILE, TILE).permute(2, 0, 3, 1)
+        if self.bits == 8:
+            tiled_out.view(self.cols // TILE, rows // TILE, TILE, TILE).copy_(tiles)
+        else:
+            tiled_out.copy_(pack_int4(tiles.reshape(self.cols // TILE, rows * TILE)))
+
+
 def quantize_tiled(rows: torch.Tensor, bits: int) -> QuantizedRows:
-    """Quantize a float32 `[R, I]` chunk and lay it out as stored (offset to unsigned, tiled)."""
-    values, scale = quantize_rows(rows, bits)
-    row_sum = values.sum(dim=1, dtype=torch.int32)
-    offset = 2 ** (bits - 1)
-    unsigned = (values.to(torch.int16) + offset).to(torch.uint8) if bits != 8 else values.view(torch.uint8) ^ 0x80
-    tiled = tile(unsigned).reshape(rows.shape[1] // TILE, -1)
-    if bits == 4:
-        tiled = pack_int4(tiled)
-    return QuantizedRows(tiled, scale, row_sum)
+    """Quantize a `[R, I]` chunk and lay it out as stored (offset to unsigned, tiled)."""
+    count, cols = rows.shape
+    result = QuantizedRows(
+        torch.empty(cols // TILE, count * bits // 2, dtype=torch.uint8),
+        torch.empty(count),
+        torch.empty(count, dtype=torch.int32),
+    )
+    RowQuantizer(bits, count, cols)(rows, result.tiled, result.scale, result.row_sum)
+    return result
 
 
 def dequantize_tiled(data: torch.Tensor, scale: torch.Tensor, bits: int, out_features: int, in_features: int) -> torch.Tensor:
