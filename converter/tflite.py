@@ -7,7 +7,7 @@ Layout (what MediaPipe's GPU converter writes and its runtimes load):
 - Each tensor is 1-D with `shape = [byte size]`, `has_rank = true`, and a `type` only when
   it is not FLOAT32.
 - Data starts at `roundup(flatbuffer size, 64 KiB)`, each buffer at a 256-byte boundary, in
-  buffer order; the file is zero-padded to a multiple of 64 KiB.
+  buffer order; the file is zero-padded to a multiple of 64 KiB (and to at least 1 MiB).
 Tables are built in the order (and with the field order) of flatc's C++ object API, which
 is what makes the flatbuffer region itself byte-identical to MediaPipe's.
 
@@ -33,6 +33,9 @@ FILE_IDENTIFIER = b"TFL3"
 SCHEMA_VERSION = 3
 DATA_ALIGNMENT = 256
 FILE_ALIGNMENT = 65536
+# Runtimes map the first 1 MiB of a weights file; smaller files (tiny models, small LoRAs) fail
+# to load, so files are zero-padded to at least this size. Real models are far larger.
+MIN_FILE_SIZE = 1 << 20
 PAGE = mmap.PAGESIZE
 
 FLOAT32 = schema.TensorType.FLOAT32
@@ -174,7 +177,8 @@ def plan_layout(subgraph_name: str, tensors: list[TensorSpec], metadata: list[tu
             break
         first = needed
     end = offsets[-1] + sizes[-1] if sizes else first
-    return Layout(flatbuffer, offsets[: len(blobs)], offsets[len(blobs):], roundup(end, FILE_ALIGNMENT))
+    file_size = max(roundup(end, FILE_ALIGNMENT), MIN_FILE_SIZE)
+    return Layout(flatbuffer, offsets[: len(blobs)], offsets[len(blobs):], file_size)
 
 
 class WeightFileWriter:
@@ -232,6 +236,9 @@ class WeightFileWriter:
             self._file.close()
         finally:
             if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self._temp, 0o666 & ~umask)
                 os.replace(self._temp, self.path)
             elif os.path.exists(self._temp):
                 os.unlink(self._temp)
