@@ -25,8 +25,10 @@ from pathlib import Path
 
 import flatbuffers
 import numpy as np
+import torch
 from ai_edge_litert import schema_py_generated as schema
 
+from . import quantize
 from .errors import ConversionError
 
 FILE_IDENTIFIER = b"TFL3"
@@ -274,6 +276,8 @@ class WeightFile:
                     self.metadata[key] = index
                 else:
                     buffer = buffers[index]
+                    if buffer.Offset() + buffer.Size() > len(self._data):
+                        raise ConversionError(f"{self.path}: metadata {key} lies beyond the end of the file (truncated?)")
                     self.metadata[key] = bytes(self._data[buffer.Offset(): buffer.Offset() + buffer.Size()])
         except (IndexError, AttributeError, UnicodeDecodeError, ValueError, TypeError) as exc:
             raise ConversionError(f"{self.path}: corrupt TFLite weights file ({exc})") from None
@@ -285,6 +289,24 @@ class WeightFile:
         """The stored bytes of a tensor (read-only, memory-mapped)."""
         entry = self.tensors[name]
         return self._data[entry.offset: entry.offset + entry.nbytes]
+
+    def matrix(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A stored `[rows, cols]` matrix as float32: int8/int4 dequantized with its scales, float
+        (and fp16 LoRA, stored with the FLOAT32 type but 2 bytes per value) untiled."""
+        entry = self.tensors[name]
+        data = torch.from_numpy(np.array(self.raw(name)))
+        if entry.type in (INT8, INT4):
+            scale = torch.from_numpy(np.array(self.raw(f"{name}_quantized_scale"))).view(torch.float32)
+            return quantize.dequantize_tiled(data, scale, 8 if entry.type == INT8 else 4, rows, cols)
+        itemsize = entry.nbytes // (rows * cols)
+        if entry.nbytes != rows * cols * itemsize or itemsize not in (2, 4):
+            raise ConversionError(f"{self.path}: tensor {name} has {entry.nbytes} bytes, not a [{rows}, {cols}] matrix")
+        values = data.view(torch.float16 if itemsize == 2 else torch.float32)
+        return quantize.untile(values, rows, cols).to(torch.float32)
+
+    def vector(self, name: str) -> torch.Tensor:
+        """A raw float32 tensor (norm scales, biases)."""
+        return torch.from_numpy(np.array(self.raw(name))).view(torch.float32)
 
     def flatbuffer_size(self) -> int:
         """Bytes before the first data buffer (the flatbuffer plus its padding)."""

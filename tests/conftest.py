@@ -1,0 +1,38 @@
+"""Shared fixtures: the checked-in tiny Gemma, its adapter and tokenizer, and a CLI runner."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+TINY = FIXTURES / "tiny-gemma"
+TINY_LORA = FIXTURES / "tiny-gemma-lora"
+TOKENIZER = TINY / "tokenizer.model"
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """A writable copy of the tiny Gemma checkpoint (config, weights, tokenizer)."""
+    return Path(shutil.copytree(TINY, tmp_path / "tiny-gemma"))
+
+
+@pytest.fixture
+def tiny_lora(tmp_path: Path) -> Path:
+    """A writable copy of the tiny Gemma's PEFT adapter."""
+    return Path(shutil.copytree(TINY_LORA, tmp_path / "tiny-gemma-lora"))
+
+
+def run_convert(*args: str):
+    """Invoke `lora-convert` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from converter.cli import main
+
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def base_args(checkpoint: Path, out: Path, *extra) -> list:
+    return ["--model-type", "GEMMA_2B", "--input-ckpt", checkpoint, "--vocab-model-file", TOKENIZER,
+            "--output-dir", out, "--output-tflite-file", out / "model.bin", "--quiet", *extra]

@@ -1,0 +1,86 @@
+"""The GPU weights flatbuffer: layout rules, round trip through the reader, atomic writes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+
+from converter import tflite
+from converter.errors import ConversionError
+
+METADATA = [
+    (tflite.LLM_PARAMETERS, b"\x10\x80\x04"),
+    (tflite.SPM_VOCAB_MODEL, b"tokenizer-bytes" * 10),
+    (tflite.LLM_MODEL_TYPE, 6),
+    (tflite.BACKEND, b"gpu"),
+    (tflite.LORA_RANK, 8),
+]
+TENSORS = [
+    tflite.TensorSpec("a.w", tflite.INT8, 1000),
+    tflite.TensorSpec("a.w.sum_i", tflite.INT32, 40),
+    tflite.TensorSpec("norm.scale", tflite.FLOAT32, 12),
+]
+
+
+def write(path: Path, tensors=TENSORS, metadata=METADATA) -> None:
+    with tflite.WeightFileWriter(path, "GEMMA_2B", tensors, metadata) as writer:
+        for index, spec in enumerate(tensors):
+            writer.view(spec.name)[:] = index + 1
+
+
+def test_round_trip_and_layout(tmp_path):
+    path = tmp_path / "w.bin"
+    write(path)
+    weights = tflite.WeightFile(path)
+    assert weights.subgraph_name == "GEMMA_2B"
+    assert list(weights.tensors) == [t.name for t in TENSORS]
+    assert weights.metadata == dict(METADATA)
+    for index, spec in enumerate(TENSORS):
+        entry = weights.tensors[spec.name]
+        assert entry.type == spec.type and entry.nbytes == spec.nbytes and entry.offset % 256 == 0
+        assert (np.asarray(weights.raw(spec.name)) == index + 1).all()
+    size = path.stat().st_size
+    assert size % 65536 == 0 and size >= tflite.MIN_FILE_SIZE
+    data = path.read_bytes()
+    assert data[4:8] == b"TFL3"
+
+    model = schema.Model.GetRootAs(data, 0)
+    assert model.Version() == 3 and model.OperatorCodesLength() == 0
+    assert model.Buffers(0).Size() == 0 and model.Buffers(0).DataLength() == 0
+    first_blob = model.Buffers(1)
+    assert first_blob.Offset() == 65536 and first_blob.DataLength() == 0  # data stays outside the flatbuffer
+    tensor = model.Subgraphs(0).Tensors(0)
+    assert tensor.ShapeAsNumpy().tolist() == [1000] and tensor.HasRank() and tensor.Buffer() == 4
+    assert model.Subgraphs(0).Tensors(2).Type() == schema.TensorType.FLOAT32
+
+
+def test_data_starts_after_a_flatbuffer_larger_than_64k(tmp_path):
+    tensors = [tflite.TensorSpec(f"params.lm.transformer.x_layers_{i}.some.long.tensor.name.w", tflite.INT8, 16)
+               for i in range(1500)]
+    layout = tflite.plan_layout("GEMMA_2B", tensors, METADATA)
+    assert len(layout.flatbuffer) > 65536
+    assert layout.blob_offsets[0] == tflite.roundup(len(layout.flatbuffer), 65536)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "w.bin"
+    with pytest.raises(RuntimeError):
+        with tflite.WeightFileWriter(path, "GEMMA_2B", TENSORS, METADATA) as writer:
+            writer.view("a.w")[:] = 1
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_rejects_non_tflite_and_truncated_files(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(ConversionError, match="no TFL3"):
+        tflite.WeightFile(junk)
+    path = tmp_path / "w.bin"
+    write(path)
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(path.read_bytes()[:65600])
+    with pytest.raises(ConversionError, match="beyond the end"):
+        tflite.WeightFile(truncated)
