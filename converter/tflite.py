@@ -260,6 +260,8 @@ class WeightFile:
         try:
             model = schema.Model.GetRootAs(self._data, 0)
             buffers = [model.Buffers(i) for i in range(model.BuffersLength())]
+            # Bytes before the first data buffer: the flatbuffer plus its zero padding.
+            self.data_start = min((b.Offset() for b in buffers if b.Size()), default=len(self._data))
             graph = model.Subgraphs(0)
             self.subgraph_name = graph.Name().decode()
             self.tensors: dict[str, TensorEntry] = {}
@@ -308,7 +310,3 @@ class WeightFile:
         """A raw float32 tensor (norm scales, biases)."""
         return torch.from_numpy(np.array(self.raw(name))).view(torch.float32)
 
-    def flatbuffer_size(self) -> int:
-        """Bytes before the first data buffer (the flatbuffer plus its padding)."""
-        offsets = [e.offset for e in self.tensors.values() if e.nbytes]
-        return min(offsets) if offsets else len(self._data)

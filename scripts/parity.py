@@ -28,9 +28,8 @@ def digests(path: Path) -> dict:
     """Per-tensor sha256 plus layout facts of a weights file."""
     weights = WeightFile(path)
     data = path.read_bytes() if path.stat().st_size < 2**26 else None
-    first = weights.flatbuffer_size()
     with open(path, "rb") as handle:
-        header = handle.read(first)
+        header = handle.read(weights.data_start)
     return {
         "file_size": path.stat().st_size,
         "flatbuffer_sha256": hashlib.sha256(header).hexdigest(),
