@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from . import quantize, tflite
@@ -14,7 +13,7 @@ from .errors import ConversionError
 from .plan import QUANT_BITS, ConversionPlan, PlannedTensor, make_plan
 
 CHUNK_ELEMENTS = 1 << 20  # ~1M weights a chunk (4 MB as float32): measured fastest on 2 cores
-RELEASE_BYTES = 64 << 20  # drop written output pages from this process this often
+STAGE_BYTES = 32 << 20  # tiled output gathered per write: whole tensors up to this size, else bands
 Progress = Callable[[int], None]
 
 
@@ -30,14 +29,34 @@ def rows_per_chunk(cols: int) -> int:
     return max(4, CHUNK_ELEMENTS // max(cols, 1) // 4 * 4)
 
 
-def _as_tensor(view: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(view)
-
-
 def _check_finite(name: str, start: int, values: torch.Tensor) -> None:
     if not bool(torch.isfinite(values).all()):
         row = start + int((~torch.isfinite(values)).nonzero()[0][0])
         raise ConversionError(f"tensor {name} has NaN or Inf values (row {row})")
+
+
+def _stream_tiled(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter, name: str,
+                  bytes_per_weight: float, encode: Callable[[torch.Tensor, torch.Tensor, int, int], None],
+                  progress: Progress) -> None:
+    """Stream a `[O, I]` tensor in row chunks into its tile4 layout, seen as `[I/4, O*4*bytes]`.
+
+    Rows [o0, o1) of the source fill the column band [4*o0*bytes, 4*o1*bytes) of that view;
+    bands are gathered in a staging buffer and written when it is full.
+    """
+    rows, cols = item.shape
+    band = int(4 * bytes_per_weight)  # bytes per source row in each of the I/4 tiled rows
+    step = rows_per_chunk(cols)
+    stage_rows = min(rows, max(step, STAGE_BYTES // (cols * band // 4) // step * step))
+    stage = torch.empty(cols // 4, stage_rows * band, dtype=torch.uint8)
+    for stage_start in range(0, rows, stage_rows):
+        stage_stop = min(stage_start + stage_rows, rows)
+        for start in range(stage_start, stage_stop, step):
+            stop = min(start + step, stage_stop)
+            with plan.source.rows(item.source, start, stop) as chunk:
+                encode(chunk, stage[:, (start - stage_start) * band:(stop - stage_start) * band], start, stop)
+            progress(int((stop - start) * cols * bytes_per_weight))
+        width = (stage_stop - stage_start) * band
+        writer.write_columns(name, stage[:, :width].numpy(), stage_start * band)
 
 
 def write_quantized(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter,
@@ -45,46 +64,29 @@ def write_quantized(plan: ConversionPlan, item: PlannedTensor, writer: tflite.We
     bits = QUANT_BITS[item.encoding]
     rows, cols = item.shape
     name = next(s.name for s in item.outputs if not s.name.endswith((".sum_i", "_quantized_scale")))
-    # Seen as [I/4, O*bits/2] bytes, row chunk [o0, o1) is the column band [o0*bits/2, o1*bits/2).
-    data = _as_tensor(writer.view(name)).view(cols // 4, -1)
-    scales = _as_tensor(writer.view(f"{name}_quantized_scale")).view(torch.float32)
-    sums = _as_tensor(writer.view(f"{name}.sum_i")).view(torch.int32)
-    band = bits // 2
-    step = rows_per_chunk(cols)
-    if rows * cols * bits // 8 > RELEASE_BYTES:
-        step = max(step, tflite.PAGE // band)  # whole output pages per chunk: released pages stay done
-    quantizer = quantize.RowQuantizer(bits, step, cols)
-    unreleased = 0
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        with plan.source.rows(item.source, start, stop) as chunk:
-            quantizer(chunk, data[:, start * band: stop * band], scales[start:stop], sums[start:stop])
+    scales, sums = torch.empty(rows), torch.empty(rows, dtype=torch.int32)
+    quantizer = quantize.RowQuantizer(bits, rows_per_chunk(cols), cols)
+
+    def encode(chunk: torch.Tensor, tiled: torch.Tensor, start: int, stop: int) -> None:
+        quantizer(chunk, tiled, scales[start:stop], sums[start:stop])
         _check_finite(item.source, start, scales[start:stop])
-        written = (stop - start) * cols * bits // 8
-        progress(written)
-        unreleased += written
-        if unreleased >= RELEASE_BYTES:
-            writer.release(name)
-            unreleased = 0
-    for spec in item.outputs:
-        writer.release(spec.name)
+
+    _stream_tiled(plan, item, writer, name, bits / 8, encode, progress)
+    writer.write(f"{name}_quantized_scale", scales.numpy())
+    writer.write(f"{name}.sum_i", sums.numpy())
 
 
 def write_float_weights(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter,
                         progress: Progress) -> None:
     spec = item.outputs[0]
     dtype = torch.float16 if spec.type == tflite.FLOAT16 else torch.float32
-    rows, cols = item.shape
-    data = _as_tensor(writer.view(spec.name)).view(dtype).view(cols // 4, -1)
-    step = rows_per_chunk(cols)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        with plan.source.rows(item.source, start, stop) as chunk:
-            values = chunk.to(torch.float32)
+
+    def encode(chunk: torch.Tensor, tiled: torch.Tensor, start: int, stop: int) -> None:
+        values = chunk.to(torch.float32)
         _check_finite(item.source, start, values)
-        data[:, start * 4: stop * 4] = quantize.tile_float(values, dtype)
-        progress((stop - start) * cols * dtype.itemsize)
-    writer.release(spec.name)
+        tiled.copy_(quantize.tile_float(values, dtype).view(torch.uint8))
+
+    _stream_tiled(plan, item, writer, spec.name, dtype.itemsize, encode, progress)
 
 
 def write_raw_float32(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter,
@@ -93,7 +95,7 @@ def write_raw_float32(plan: ConversionPlan, item: PlannedTensor, writer: tflite.
     with plan.source.rows(item.source, 0, 1) as chunk:
         values = chunk.to(torch.float32).reshape(-1)
     _check_finite(item.source, 0, values)
-    _as_tensor(writer.view(spec.name)).view(torch.float32)[:] = values
+    writer.write(spec.name, values.numpy())
     progress(spec.nbytes)
 
 
@@ -116,8 +118,7 @@ def lora_half(plan: ConversionPlan, item: PlannedTensor) -> torch.Tensor:
 
 def write_lora(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter, progress: Progress) -> None:
     spec = item.outputs[0]
-    tiled = quantize.tile_float(lora_half(plan, item), torch.float16)
-    _as_tensor(writer.view(spec.name)).view(torch.float16)[:] = tiled.reshape(-1)
+    writer.write(spec.name, quantize.tile_float(lora_half(plan, item), torch.float16).numpy())
     progress(spec.nbytes)
 
 

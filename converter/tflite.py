@@ -11,13 +11,12 @@ Layout (what MediaPipe's GPU converter writes and its runtimes load):
 Tables are built in the order (and with the field order) of flatc's C++ object API, which
 is what makes the flatbuffer region itself byte-identical to MediaPipe's.
 
-The writer sizes the file first, then hands out writable views of each tensor's bytes so a
-converter can stream into them; pages are released as it goes. It writes to a temporary
-name and renames on success, so a failure never leaves a partial file.
+The writer sizes the file first, then writes each tensor's bytes (whole, or as column blocks of
+the tiled layout) at their final offsets as a converter streams them. It writes to a
+temporary name and renames on success, so a failure never leaves a partial file.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ FILE_ALIGNMENT = 65536
 # Runtimes map the first 1 MiB of a weights file; smaller files (tiny models, small LoRAs) fail
 # to load, so files are zero-padded to at least this size. Real models are far larger.
 MIN_FILE_SIZE = 1 << 20
-PAGE = mmap.PAGESIZE
 
 FLOAT32 = schema.TensorType.FLOAT32
 FLOAT16 = schema.TensorType.FLOAT16
@@ -186,7 +184,9 @@ def plan_layout(subgraph_name: str, tensors: list[TensorSpec], metadata: list[tu
 class WeightFileWriter:
     """Streams tensors into a new weights file; use as a context manager.
 
-    On a clean exit the temporary file is renamed over `path`; on an exception it is removed.
+    The file is sized and its flatbuffer written first; tensor bytes then go straight to their
+    final offsets with `pwrite` (nothing of the output is mapped into this process). On a clean
+    exit the temporary file is renamed over `path`; on an exception it is removed.
     """
 
     def __init__(self, path: Path, subgraph_name: str, tensors: list[TensorSpec],
@@ -197,45 +197,48 @@ class WeightFileWriter:
         if len(self._specs) != len(tensors):
             raise ConversionError(f"{path}: duplicate tensor names in the output plan")
         self._blobs = [v for _, v in metadata if isinstance(v, bytes)]
-        self._file = None
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> "WeightFileWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self._file = os.fdopen(fd, "w+b")
-        self._file.truncate(self.layout.file_size)
-        self._file.write(self.layout.flatbuffer)
+        self._fd, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.ftruncate(self._fd, self.layout.file_size)
+        self._pwrite(self.layout.flatbuffer, 0)
         for blob, offset in zip(self._blobs, self.layout.blob_offsets):
-            self._file.seek(offset)
-            self._file.write(blob)
-        self._file.flush()
-        self._map = mmap.mmap(self._file.fileno(), self.layout.file_size, access=mmap.ACCESS_WRITE)
+            self._pwrite(blob, offset)
         return self
 
-    def view(self, name: str) -> np.ndarray:
-        """Writable uint8 view of a tensor's bytes in the output file."""
-        spec, offset = self._specs[name]
-        return np.frombuffer(self._map, dtype=np.uint8, count=spec.nbytes, offset=offset)
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
 
-    def release(self, name: str) -> None:
-        """Drop a finished tensor's pages from this process (they stay in the page cache)."""
+    def write(self, name: str, data: np.ndarray, start: int = 0) -> None:
+        """Write contiguous bytes into tensor `name`, `start` bytes into it."""
         spec, offset = self._specs[name]
-        start = offset // PAGE * PAGE
-        end = min(roundup(offset + spec.nbytes, PAGE), self.layout.file_size)
-        if end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        if start + data.nbytes > spec.nbytes:
+            raise ValueError(f"{name}: {data.nbytes} bytes at {start} overflow its {spec.nbytes}")
+        self._pwrite(np.ascontiguousarray(data), offset + start)
+
+    def write_columns(self, name: str, block: np.ndarray, column: int) -> None:
+        """Write a 2-D byte block into tensor `name` seen as rows of equal length, from byte `column`.
+
+        Row k of the block lands at `k * row_length + column`, where the tensor has as many rows
+        as the block; a block spanning whole rows is written in one call.
+        """
+        spec, offset = self._specs[name]
+        rows, width = block.shape
+        row_length = spec.nbytes // rows
+        if column == 0 and width == row_length and block.flags.c_contiguous:
+            self._pwrite(block, offset)
+            return
+        for k in range(rows):
+            self._pwrite(np.ascontiguousarray(block[k]), offset + k * row_length + column)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if self._map is not None:
-                if exc_type is None:
-                    self._map.flush()
-                try:
-                    self._map.close()
-                except BufferError:  # a view still alive in a traceback; freed with it
-                    pass
-            self._file.close()
+            os.close(self._fd)
         finally:
             if exc_type is None:
                 umask = os.umask(0)

@@ -117,11 +117,13 @@ class MemorySink:
     def __init__(self, items):
         self.buffers = {s.name: np.zeros(s.nbytes, dtype=np.uint8) for item in items for s in item.outputs}
 
-    def view(self, name):
-        return self.buffers[name]
+    def write(self, name, data, start=0):
+        raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        self.buffers[name][start:start + raw.size] = raw
 
-    def release(self, name):
-        pass
+    def write_columns(self, name, block, column):
+        rows, width = block.shape
+        self.buffers[name].reshape(rows, -1)[:, column:column + width] = block
 
 
 def recorded(name: str) -> dict:

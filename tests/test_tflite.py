@@ -27,7 +27,7 @@ TENSORS = [
 def write(path: Path, tensors=TENSORS, metadata=METADATA) -> None:
     with tflite.WeightFileWriter(path, "GEMMA_2B", tensors, metadata) as writer:
         for index, spec in enumerate(tensors):
-            writer.view(spec.name)[:] = index + 1
+            writer.write(spec.name, np.full(spec.nbytes, index + 1, dtype=np.uint8))
 
 
 def test_round_trip_and_layout(tmp_path):
@@ -64,11 +64,21 @@ def test_data_starts_after_a_flatbuffer_larger_than_64k(tmp_path):
     assert layout.blob_offsets[0] == tflite.roundup(len(layout.flatbuffer), 65536)
 
 
+def test_column_blocks_land_in_their_rows(tmp_path):
+    path = tmp_path / "w.bin"
+    spec = tflite.TensorSpec("t", tflite.INT8, 24)  # seen as 3 rows of 8 bytes
+    with tflite.WeightFileWriter(path, "GEMMA_2B", [spec], METADATA) as writer:
+        block = np.arange(24, dtype=np.uint8).reshape(3, 8)
+        writer.write_columns("t", block[:, :5], 0)
+        writer.write_columns("t", block[:, 5:], 5)
+    assert np.asarray(tflite.WeightFile(path).raw("t")).tolist() == list(range(24))
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     path = tmp_path / "w.bin"
     with pytest.raises(RuntimeError):
         with tflite.WeightFileWriter(path, "GEMMA_2B", TENSORS, METADATA) as writer:
-            writer.view("a.w")[:] = 1
+            writer.write("a.w", np.ones(1000, dtype=np.uint8))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
