@@ -43,8 +43,8 @@ def untile(tiled: torch.Tensor, out_features: int, in_features: int) -> torch.Te
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """Pairs of uint4 along the last axis -> bytes, the even element in the low nibble."""
-    return values[..., 0::2] | (values[..., 1::2] << 4)
+    """Pairs of uint4 (low 4 bits of each byte) along the last axis -> bytes, the even element low."""
+    return (values[..., 0::2] & 0x0F) | (values[..., 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,8 @@ class RowQuantizer:
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.bits, self.cols = bits, cols
         self._values = torch.empty(max_rows, cols)
-        self._unsigned = torch.empty(max_rows, cols, dtype=torch.uint8)
+        self._signed = torch.empty(max_rows, cols, dtype=torch.int8)
+        self._transposed = torch.empty(cols * max_rows, dtype=torch.uint8)
         # Float row sums are exact while |sum| < 2^24; wider rows sum in int32 instead.
         self._float_sums = cols * 2 ** (bits - 1) < 2**24
 
@@ -74,25 +75,38 @@ class RowQuantizer:
                  sum_out: torch.Tensor) -> None:
         """Quantize `chunk` [R, I]; write `tiled_out` [I/4, R*bits/2] bytes, `scale_out` [R], `sum_out` [R]."""
         rows, limit = chunk.shape[0], qmax(self.bits)
-        values = self._values[:rows]
-        values.copy_(chunk)
-        bound = torch.maximum(values.amax(dim=1), values.amin(dim=1).neg_())
+        # max/min of bf16/fp16 values are exact, so the bound is found in the stored dtype.
+        bound = torch.maximum(chunk.amax(dim=1), chunk.amin(dim=1).neg_()).to(torch.float32)
         scale = bound.div_(limit)
         scale.masked_fill_(scale == 0, 1.0)
-        # |w| <= bound makes |w / scale| <= qmax (+ rounding error < 0.5), so no clamp is needed.
-        values.div_(scale[:, None]).round_()
+        values = self._values[:rows]
+        # w / scale in float32 (the stored values widen exactly); |w| <= bound keeps
+        # |w / scale| <= qmax (+ rounding error < 0.5), so no clamp is needed.
+        torch.div(chunk, scale[:, None], out=values).round_()
         if self._float_sums:
             sum_out.copy_(values.sum(dim=1))
         else:
             sum_out.copy_(values.to(torch.int32).sum(dim=1))
         scale_out.copy_(scale)
-        unsigned = self._unsigned[:rows]
-        unsigned.copy_(values.add_(2 ** (self.bits - 1)))
-        tiles = unsigned.view(rows // TILE, TILE, self.cols // TILE, TILE).permute(2, 0, 3, 1)
+        signed = self._signed[:rows]
+        signed.copy_(values)
+        # q + 2^(bits-1) as an unsigned byte (int8) or nibble (int4) is q with its top bit flipped.
+        unsigned = signed.view(torch.uint8).bitwise_xor_(0x80 if self.bits == 8 else 0x08)
         if self.bits == 8:
-            tiled_out.view(self.cols // TILE, rows // TILE, TILE, TILE).copy_(tiles)
+            self._tile_into(unsigned, tiled_out)
         else:
-            tiled_out.copy_(pack_int4(tiles.reshape(self.cols // TILE, rows * TILE)))
+            tiled = torch.empty(self.cols // TILE, rows * TILE, dtype=torch.uint8)
+            self._tile_into(unsigned, tiled)
+            tiled_out.copy_(pack_int4(tiled))
+
+    def _tile_into(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        """tile4 of uint8 `[R, I]` into `out` `[I/4, R*4]`, in two cheap steps: a byte
+        transpose to `[I, R]`, then moving whole 4-byte groups (`o%4 = 0..3` of one input)."""
+        rows, cols = values.shape
+        transposed = self._transposed[: rows * cols].view(cols, rows)
+        transposed.copy_(values.t())
+        groups = transposed.view(torch.int32).view(cols // TILE, TILE, rows // TILE)
+        out.view(torch.int32).view(cols // TILE, rows // TILE, TILE).copy_(groups.permute(0, 2, 1))
 
 
 def quantize_tiled(rows: torch.Tensor, bits: int) -> QuantizedRows:
