@@ -18,7 +18,7 @@ temporary name and renames on success, so a failure never leaves a partial file.
 from __future__ import annotations
 
 import os
-import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from ai_edge_litert import schema_py_generated as schema
 
 from . import quantize
 from .errors import ConversionError
+from .files import atomic_output
+from .proto import llm_params_pb2
 
 FILE_IDENTIFIER = b"TFL3"
 SCHEMA_VERSION = 3
@@ -200,8 +202,8 @@ class WeightFileWriter:
         self._fd: int | None = None
 
     def __enter__(self) -> "WeightFileWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._stack = ExitStack()
+        self._fd = self._stack.enter_context(atomic_output(self.path)).fileno()
         os.ftruncate(self._fd, self.layout.file_size)
         self._pwrite(self.layout.flatbuffer, 0)
         for blob, offset in zip(self._blobs, self.layout.blob_offsets):
@@ -237,25 +239,18 @@ class WeightFileWriter:
             self._pwrite(np.ascontiguousarray(block[k]), offset + k * row_length + column)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            os.close(self._fd)
-        finally:
-            if exc_type is None:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self._temp, 0o666 & ~umask)
-                os.replace(self._temp, self.path)
-            elif os.path.exists(self._temp):
-                os.unlink(self._temp)
+        self._stack.__exit__(exc_type, exc, tb)
 
 
 class WeightFile:
     """Reads a GPU weights file (ours or MediaPipe's): tensors, metadata, raw bytes."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, offset: int = 0, size: int | None = None):
+        """Read the file at `path`, or the one embedded at `offset` (`size` bytes) in a bundle."""
         self.path = Path(path)
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset,
+                                   shape=None if size is None else (size,))
         except (OSError, ValueError) as exc:
             raise ConversionError(f"{self.path}: cannot read ({exc})") from None
         if len(self._data) < 8 or bytes(self._data[4:8]) != FILE_IDENTIFIER:
@@ -289,6 +284,22 @@ class WeightFile:
         for entry in self.tensors.values():
             if entry.offset + entry.nbytes > len(self._data):
                 raise ConversionError(f"{self.path}: tensor {entry.name} lies beyond the end of the file (truncated?)")
+
+    @property
+    def parameters(self) -> llm_params_pb2.LlmParameters:
+        """The LlmParameters stored in the file's metadata."""
+        blob = self.metadata.get(LLM_PARAMETERS)
+        if not isinstance(blob, bytes):
+            raise ConversionError(f"{self.path}: no {LLM_PARAMETERS} metadata; not an LLM weights file")
+        try:
+            return llm_params_pb2.LlmParameters.FromString(blob)
+        except Exception:  # protobuf's DecodeError and friends
+            raise ConversionError(f"{self.path}: {LLM_PARAMETERS} metadata does not parse") from None
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The LoRA rank of a LoRA weights file; None for a base model."""
+        return self.metadata.get(LORA_RANK)
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of a tensor (read-only, memory-mapped)."""

@@ -181,3 +181,44 @@ def test_real_shape_lora_matches_mediapipes_output(tmp_path):
     digest = recorded("gemma-2b-int8-lora8.json")["lora"]
     assert_layout_matches_record(plan, plan.lora, 8, digest)
     assert assert_matches_record(plan, plan.lora, digest) == 144
+
+
+def timestamp_positions(path: Path) -> list[int]:
+    """Byte positions of the DOS time/date fields of every local and central zip header."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        positions = [info.header_offset + 10 + k for info in archive.infolist() for k in range(4)]
+        data = path.read_bytes()
+        start = data.index(b"PK\x01\x02", max(info.header_offset for info in archive.infolist()))
+    while (found := data.find(b"PK\x01\x02", start)) >= 0:
+        positions += [found + 12 + k for k in range(4)]
+        start = found + 4
+    return positions
+
+
+def test_bundle_matches_mediapipes_bundler(tmp_path):
+    """Same entries, same order, same bytes; only MediaPipe's wall-clock timestamps differ."""
+    from bundler.cli import main as bundle_main
+    from click.testing import CliRunner
+
+    from .conftest import TINY, base_args, run_convert
+
+    assert run_convert(*base_args(TINY, tmp_path / "conv")).exit_code == 0
+    model = tmp_path / "conv" / "model.bin"
+    options = ["--tflite-model", str(model), "--tokenizer-model", str(TOKENIZER), "--start-token", "<bos>",
+               "--stop-tokens", "<eos>", "--stop-tokens", "<end_of_turn>", "--system-prompt", "Be brief.",
+               "--prompt-prefix", "<start_of_turn>user\n", "--prompt-suffix", "<end_of_turn>\n<start_of_turn>model\n",
+               "--enable-bytes-to-unicode-mapping"]
+    theirs, ours = tmp_path / "mediapipe.task", tmp_path / "ours.task"
+    subprocess.run([oracle_python(), str(ROOT / "scripts" / "oracle_bundle.py"), *options,
+                    "--output-filename", str(theirs)], check=True, capture_output=True, cwd=tmp_path)
+    result = CliRunner().invoke(bundle_main, [*[o.replace("\n", "\\n") for o in options], "--output-filename", str(ours)])
+    assert result.exit_code == 0, result.output
+    a, b = bytearray(ours.read_bytes()), bytearray(theirs.read_bytes())
+    assert len(a) == len(b)
+    positions = timestamp_positions(theirs)
+    assert positions == timestamp_positions(ours) and len(positions) == 24
+    for position in positions:
+        a[position] = b[position] = 0
+    assert a == b

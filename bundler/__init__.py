@@ -1,0 +1,1 @@
+"""GPU weight files + tokenizer -> .task / .litertlm bundles and Android/iOS asset packages."""

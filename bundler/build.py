@@ -1,0 +1,78 @@
+"""Check a bundle's inputs against each other, then write it as .task or .litertlm."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from converter.errors import ConversionError
+from converter.tflite import WeightFile
+
+from .config import BundleConfig
+from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    model: WeightFile
+    tokenizer: spm.SentencePieceProcessor
+    start_id: int
+    stop_ids: list[int]
+
+
+def load_tokenizer(path: Path, option: str = "--tokenizer-model") -> spm.SentencePieceProcessor:
+    if path.is_dir():
+        raise ConversionError(f"{option} {path} is a folder; expected a SentencePiece .model file")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(path.read_bytes())
+    except OSError as exc:
+        raise ConversionError(f"{option} {path}: cannot read ({exc.strerror})") from None
+    except RuntimeError:
+        raise ConversionError(f"{option} {path}: not a valid SentencePiece model") from None
+    return processor
+
+
+def token_id(tokenizer: spm.SentencePieceProcessor, token: str, option: str, path: Path) -> int:
+    """The id of a piece that must exist as a whole piece in the tokenizer."""
+    piece_id = tokenizer.piece_to_id(token)
+    if tokenizer.id_to_piece(piece_id) != token:
+        raise ConversionError(f"{option} {token!r} is not a piece of the tokenizer {path}")
+    return piece_id
+
+
+def check_inputs(config: BundleConfig) -> CheckedInputs:
+    """The model must be a GPU weights file (base, not LoRA), the tokenizer a SentencePiece
+    model with exactly the model's vocabulary, and the start/stop tokens pieces of it."""
+    model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
+    if not model_path.is_file():
+        raise ConversionError(f"--tflite-model {model_path}: file not found")
+    model = WeightFile(model_path)
+    if model.lora_rank is not None:
+        raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
+                              "bundle the base model and ship LoRA files beside it")
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size = model.parameters.vocab_size
+    if vocab_size and tokenizer.vocab_size() != vocab_size:
+        raise ConversionError(f"--tokenizer-model {tokenizer_path} has {tokenizer.vocab_size()} pieces but "
+                              f"{model_path} was converted for a vocabulary of {vocab_size}")
+    start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
+    stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
+    return CheckedInputs(model, tokenizer, start_id, stop_ids)
+
+
+def write_bundle(config: BundleConfig) -> Path:
+    """Validate and write the bundle; returns its path."""
+    checked = check_inputs(config)
+    path = config.output_path
+    if config.format == "litertlm":
+        from .litertlm import write_litertlm
+
+        write_litertlm(config, checked.start_id, checked.stop_ids, path)
+        return path
+    metadata = bundle_metadata(config.start_token, list(config.stop_tokens), config.enable_bytes_to_unicode_mapping,
+                               config.system_prompt, config.prompt_prefix, config.prompt_suffix)
+    write_zip(path, [(MODEL_ENTRY, Path(config.tflite_model)), (TOKENIZER_ENTRY, Path(config.tokenizer_model)),
+                     (METADATA_ENTRY, metadata)])
+    return path

@@ -1,0 +1,38 @@
+"""BundleConfig: the options of a bundle, named as in MediaPipe's `BundleConfig`, checked once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.errors import ConversionError
+
+FORMATS = ("task", "litertlm")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    tflite_model: str | Path
+    tokenizer_model: str | Path
+    start_token: str
+    stop_tokens: list[str]
+    output_filename: str | Path
+    enable_bytes_to_unicode_mapping: bool = False
+    system_prompt: str | None = None
+    prompt_prefix: str | None = None
+    prompt_suffix: str | None = None
+    format: str = "task"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop_tokens, (list, tuple)) or not self.stop_tokens:
+            raise ConversionError("--stop-tokens: give at least one stop token")
+        if not self.start_token:
+            raise ConversionError("--start-token is required (e.g. <bos>)")
+        if self.format not in FORMATS:
+            raise ConversionError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
+
+    @property
+    def output_path(self) -> Path:
+        """MediaPipe appends `.task` when it is missing; `.litertlm` likewise for that format."""
+        path = Path(self.output_filename)
+        suffix = f".{self.format}"
+        return path if path.name.endswith(suffix) else path.with_name(path.name + suffix)

@@ -1,0 +1,125 @@
+"""Describe a .task bundle or a GPU weights .bin (ours or MediaPipe's) as a plain dict."""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+
+import sentencepiece as spm
+from google.protobuf.json_format import MessageToDict
+
+from converter.errors import ConversionError
+from converter.tflite import SPM_VOCAB_MODEL, TYPE_NAMES, WeightFile
+from converter.proto import llm_params_pb2
+
+from .task import MODEL_ENTRY, TOKENIZER_ENTRY, TaskFile
+
+LORA_NAME = re.compile(r"x_layers_(\d+)\.(.+)\.w_prime_(?:left|right)$")
+MODEL_TYPES = {v: k.removeprefix("LLM_MODEL_TYPE_") for k, v in llm_params_pb2.LlmModelType.items()}
+HASH_BLOCK = 16 << 20
+
+
+def sha256(path: Path, offset: int = 0, size: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        left = size if size is not None else path.stat().st_size - offset
+        while left > 0:
+            block = handle.read(min(HASH_BLOCK, left))
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def describe_weights(weights: WeightFile) -> dict:
+    by_type = Counter()
+    for entry in weights.tensors.values():
+        by_type[TYPE_NAMES.get(entry.type, str(entry.type))] += entry.nbytes
+    lora = [LORA_NAME.search(name) for name in weights.tensors]
+    targets = sorted({m.group(2) for m in lora if m})
+    parameters = weights.parameters
+    return {
+        "model_type": MODEL_TYPES.get(weights.metadata.get("odml.infra.LlmModelType"), weights.subgraph_name),
+        "backend": (weights.metadata.get("backend") or b"").decode(errors="replace"),
+        "tensors": len(weights.tensors),
+        "bytes_by_dtype": dict(sorted(by_type.items())),
+        "lora_rank": weights.lora_rank,
+        "lora_targets": targets,
+        "lora_layers": len({m.group(1) for m in lora if m}),
+        "parameters": MessageToDict(parameters, preserving_proto_field_name=True),
+    }
+
+
+def describe_tokenizer(model: bytes) -> tuple[dict, spm.SentencePieceProcessor]:
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(model)
+    except RuntimeError:
+        raise ConversionError("the tokenizer is not a valid SentencePiece model") from None
+    return {"vocab_size": processor.vocab_size(), "sha256": hashlib.sha256(model).hexdigest()}, processor
+
+
+def describe(path: Path, with_hashes: bool = True) -> dict:
+    """Everything worth knowing about a .task or weights file, JSON-ready."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    result = {"path": str(path), "size": path.stat().st_size}
+    if with_hashes:
+        result["sha256"] = sha256(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[4:6] == b"PK" or head[:2] == b"PK":
+        task = TaskFile(path)
+        entry = task.entries[MODEL_ENTRY]
+        weights = WeightFile(path, entry.offset, entry.size)
+        metadata = task.metadata()
+        result["format"] = "task"
+        result["entries"] = [
+            {"name": e.name, "offset": e.offset, "size": e.size,
+             **({"sha256": sha256(path, e.offset, e.size)} if with_hashes else {})}
+            for e in task.entries.values()
+        ]
+        tokenizer, processor = describe_tokenizer(task.read(TOKENIZER_ENTRY))
+        result["bundle"] = MessageToDict(metadata, preserving_proto_field_name=True)
+        start, stops = metadata.start_token, list(metadata.stop_tokens)
+    else:
+        weights = WeightFile(path)
+        result["format"] = "weights"
+        tokenizer, processor = describe_tokenizer(weights.metadata.get(SPM_VOCAB_MODEL) or b"")
+        parameters = weights.parameters
+        start = processor.id_to_piece(parameters.start_token_id) if parameters.HasField("start_token_id") else \
+            parameters.start_token
+        stops = list(parameters.stop_tokens)
+    result["model"] = describe_weights(weights)
+    result["tokenizer"] = tokenizer
+    result["start_token"] = start
+    result["stop_tokens"] = stops
+    return result
+
+
+def format_text(info: dict) -> str:
+    """The human-readable form of `describe`."""
+    model = info["model"]
+    lines = [f"{info['path']}: {info['format']}, {info['size']:,} bytes" +
+             (f", sha256 {info['sha256']}" if "sha256" in info else "")]
+    for entry in info.get("entries", []):
+        lines.append(f"  entry {entry['name']:24} offset {entry['offset']:>12,} size {entry['size']:>14,}"
+                     + (f"  sha256 {entry['sha256']}" if "sha256" in entry else ""))
+    lines.append(f"model type {model['model_type']}, backend {model['backend']}, {model['tensors']} tensors")
+    lines.append("bytes by dtype: " + ", ".join(f"{k} {v:,}" for k, v in model["bytes_by_dtype"].items()))
+    if model["lora_rank"] is not None:
+        lines.append(f"LoRA rank {model['lora_rank']} on {model['lora_layers']} layers: {', '.join(model['lora_targets'])}")
+    t = model["parameters"].get("transformer_parameters", {})
+    if t:
+        lines.append("transformer: " + ", ".join(f"{k}={v}" for k, v in t.items() if not isinstance(v, dict)))
+    lines.append(f"vocab size {model['parameters'].get('vocab_size')}, tokenizer {info['tokenizer']['vocab_size']} "
+                 f"pieces (sha256 {info['tokenizer']['sha256'][:16]}...)")
+    lines.append(f"start token {info['start_token']!r}, stop tokens {info['stop_tokens']!r}")
+    template = info.get("bundle", {}).get("prompt_template")
+    if template:
+        lines.append(f"prompt template {template!r}")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""What an app developer drops into an Android or iOS project: model, LoRA files, manifest.
+
+Android: a Play Asset Delivery asset-pack module (`build.gradle` with the
+`com.android.asset-pack` plugin, files under `src/main/assets/`) plus an `adb push` script for
+the `/data/local/tmp/llm/` side-load path MediaPipe's docs use. iOS: a folder to add as bundle
+resources (or tag for On-Demand Resources) with a property-list manifest. Both get
+`manifest.json`: every file's name, size and sha256, the model type, LoRA ranks, and the
+LLM Inference options to use.
+"""
+from __future__ import annotations
+
+import json
+import plistlib
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from converter.errors import ConversionError
+from converter.files import atomic_output
+from converter.tflite import WeightFile
+
+from .inspect import describe_weights, sha256
+from .task import MODEL_ENTRY, TaskFile
+
+PLATFORMS = ("android", "ios")
+DELIVERY_TYPES = ("install-time", "fast-follow", "on-demand")
+SIDELOAD_DIR = "/data/local/tmp/llm"
+MAX_LORA_RANK = 64  # our bound: ranks the GPU runtime has been seen to take are far below it
+MB = 1 << 20
+GB = 1 << 30
+# Store limits we warn about (Google Play asset packs, App Store / On-Demand Resources).
+ANDROID_PACK_LIMITS = {"install-time": 1 * GB, "fast-follow": 512 * MB, "on-demand": 512 * MB}
+IOS_ODR_TAG_LIMIT = 512 * MB
+IOS_APP_LIMIT = 4 * GB
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """MediaPipe LLM Inference options, with its defaults."""
+
+    maxTokens: int = 512
+    topK: int = 40
+    temperature: float = 0.8
+    randomSeed: int = 0
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    name: str
+    size: int
+    sha256: str
+    role: str  # "model" or "lora"
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    folder: Path
+    files: list[PackagedFile]
+    warnings: list[str]
+
+
+def open_model(path: Path) -> tuple[WeightFile, str]:
+    """The base weights of a .task or .bin, and which of the two it is."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[4:6] == b"PK" or head[:2] == b"PK":
+        entry = TaskFile(path).entries[MODEL_ENTRY]
+        return WeightFile(path, entry.offset, entry.size), "task"
+    return WeightFile(path), "weights"
+
+
+def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
+    """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
+    if not path.is_file():
+        raise ConversionError(f"--lora {path}: file not found")
+    lora = WeightFile(path)
+    if lora.lora_rank is None:
+        raise ConversionError(f"--lora {path} is not a LoRA weights file (no lora_rank metadata)")
+    if lora.subgraph_name != base.subgraph_name:
+        raise ConversionError(f"--lora {path} was converted for {lora.subgraph_name}, the base {base_path} is "
+                              f"{base.subgraph_name}")
+    ours, theirs = base.parameters, lora.parameters
+    if ours.transformer_parameters != theirs.transformer_parameters or ours.vocab_size != theirs.vocab_size:
+        raise ConversionError(f"--lora {path} was converted for a model with other dimensions than {base_path}")
+    if lora.lora_rank > MAX_LORA_RANK or lora.lora_rank % 4:
+        raise ConversionError(f"--lora {path} has rank {lora.lora_rank}; expected a multiple of 4 up to {MAX_LORA_RANK}")
+    if not NAME.match(name):
+        raise ConversionError(f"--lora name {name!r}: use letters, digits and _ (starting with a letter)")
+    return lora
+
+
+def copy_file(source: Path, destination: Path) -> None:
+    with open(source, "rb") as src, atomic_output(destination) as dst:
+        shutil.copyfileobj(src, dst, 16 * MB)
+
+
+def size_warnings(platform: str, delivery: str, files: list[PackagedFile]) -> list[str]:
+    total = sum(f.size for f in files)
+    warnings = []
+    if platform == "android":
+        limit = ANDROID_PACK_LIMITS[delivery]
+        if total > limit:
+            warnings.append(f"the asset pack holds {total / MB:,.0f} MB; Google Play accepts at most "
+                            f"{limit / MB:,.0f} MB for a {delivery} pack: download the model at run time "
+                            "(or side-load it with adb_push.sh for testing)")
+    else:
+        biggest = max(files, key=lambda f: f.size)
+        if biggest.size > IOS_ODR_TAG_LIMIT:
+            warnings.append(f"{biggest.name} is {biggest.size / MB:,.0f} MB; an On-Demand Resources tag holds at most "
+                            f"{IOS_ODR_TAG_LIMIT / MB:,.0f} MB, so ship it as a bundle resource or download it")
+        if total > IOS_APP_LIMIT:
+            warnings.append(f"the files total {total / MB:,.0f} MB, beyond the App Store's {IOS_APP_LIMIT / GB:.0f} GB "
+                            "app size: download the model at run time")
+    return warnings
+
+
+def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: Path, pack_name: str = "llm",
+            delivery: str = "install-time", options: RuntimeOptions = RuntimeOptions()) -> PackageResult:
+    """Check the model and adapters, copy them into a platform layout and write the manifests."""
+    if platform not in PLATFORMS:
+        raise ConversionError(f"--platform {platform!r}: expected one of {', '.join(PLATFORMS)}")
+    if delivery not in DELIVERY_TYPES:
+        raise ConversionError(f"--delivery {delivery!r}: expected one of {', '.join(DELIVERY_TYPES)}")
+    if not NAME.match(pack_name):
+        raise ConversionError(f"--pack-name {pack_name!r}: use letters, digits and _ (starting with a letter)")
+    base, kind = open_model(model)
+    if base.lora_rank is not None:
+        raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
+    names = [name for name, _ in loras]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConversionError(f"--lora names must be unique; repeated: {', '.join(duplicates)}")
+    adapters = [(name, path, check_adapter(base, model, name, path)) for name, path in loras]
+
+    folder = output / pack_name if platform == "ios" else output / pack_name / "src" / "main" / "assets"
+    files = [PackagedFile(model.name, model.stat().st_size, sha256(model), "model")]
+    files += [PackagedFile(path.name, path.stat().st_size, sha256(path), "lora") for _, path, _ in adapters]
+    if len({f.name for f in files}) != len(files):
+        raise ConversionError("the model and LoRA files must have different file names")
+    for source in [model] + [path for _, path, _ in adapters]:
+        copy_file(source, folder / source.name)
+
+    description = describe_weights(base)
+    manifest = {
+        "format_version": 1,
+        "platform": platform,
+        "pack_name": pack_name,
+        "model": {"file": model.name, "format": kind, "model_type": description["model_type"],
+                  "vocab_size": description["parameters"].get("vocab_size")},
+        "adapters": [{"name": name, "file": path.name, "lora_rank": lora.lora_rank,
+                      "targets": describe_weights(lora)["lora_targets"]} for name, path, lora in adapters],
+        "files": [asdict(f) for f in files],
+        "runtime_options": {**asdict(options), "loraRanks": sorted({lora.lora_rank for _, _, lora in adapters})},
+    }
+    if platform == "android":
+        manifest["delivery"] = delivery
+        manifest["sideload_paths"] = {f.name: f"{SIDELOAD_DIR}/{f.name}" for f in files}
+        write_android(output, pack_name, delivery, files)
+    else:
+        write_ios(folder, pack_name, manifest)
+    with atomic_output(folder / "manifest.json") as handle:
+        handle.write((json.dumps(manifest, indent=2) + "\n").encode())
+    return PackageResult(output, files, size_warnings(platform, delivery, files))
+
+
+def write_android(output: Path, pack_name: str, delivery: str, files: list[PackagedFile]) -> None:
+    gradle = (
+        "plugins {\n    id 'com.android.asset-pack'\n}\n\n"
+        f"assetPack {{\n    packName = \"{pack_name}\"\n    dynamicDelivery {{\n"
+        f"        deliveryType = \"{delivery}\"\n    }}\n}}\n"
+    )
+    with atomic_output(output / pack_name / "build.gradle") as handle:
+        handle.write(gradle.encode())
+    assets = f"{pack_name}/src/main/assets"
+    push = ["#!/bin/sh", "# Side-load for testing (MediaPipe's documented path); run from this folder.", "set -e",
+            f"adb shell mkdir -p {SIDELOAD_DIR}"]
+    push += [f"adb push '{assets}/{f.name}' '{SIDELOAD_DIR}/{f.name}'" for f in files]
+    with atomic_output(output / "adb_push.sh") as handle:
+        handle.write(("\n".join(push) + "\n").encode())
+    (output / "adb_push.sh").chmod(0o755)
+    with atomic_output(output / "README.md") as handle:
+        handle.write(
+            f"Add the asset pack to your app: in settings.gradle `include ':{pack_name}'`, in the app module's "
+            f"build.gradle `assetPacks = [\":{pack_name}\"]`. Files and runtime options: "
+            f"{assets}/manifest.json.\n".encode())
+
+
+def write_ios(folder: Path, pack_name: str, manifest: dict) -> None:
+    plist = {
+        "LLMPackName": pack_name,
+        "LLMModelFile": manifest["model"]["file"],
+        "LLMModelType": manifest["model"]["model_type"],
+        "LLMOnDemandResourceTag": pack_name,
+        "LLMAdapters": [{"Name": a["name"], "File": a["file"], "LoraRank": a["lora_rank"]} for a in manifest["adapters"]],
+        "LLMFiles": [{"Name": f["name"], "Size": f["size"], "SHA256": f["sha256"]} for f in manifest["files"]],
+        "LLMRuntimeOptions": manifest["runtime_options"],
+    }
+    with atomic_output(folder / f"{pack_name}.plist") as handle:
+        plistlib.dump(plist, handle, sort_keys=True)
+
