@@ -1,0 +1,38 @@
+"""`lora-run`: generate text from our files on the reference CPU runtime."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from converter.errors import ConversionError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
+@click.option("--lora", type=click.Path(path_type=Path), default=None, help="LoRA weights .bin (loraPath).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="SentencePiece model [default: the one in the model file].")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", default=512, show_default=True, help="KV-cache size: prompt + output tokens.")
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True, help="0: greedy.")
+@click.option("--random-seed", default=0, show_default=True)
+def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_seed) -> None:
+    """Stream a generation to stdout and report tokens/s on stderr."""
+    from .generate import Options, generate, load
+
+    try:
+        loaded = load(model, lora, tokenizer)
+        result = generate(loaded, prompt, Options(max_tokens, top_k, temperature, random_seed),
+                          on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    except ConversionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo()
+    click.echo(f"{len(result.ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s)", err=True)
+
+
+if __name__ == "__main__":
+    main()

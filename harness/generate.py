@@ -1,0 +1,113 @@
+"""Text generation over the reference runtime, with MediaPipe LLM Inference's options.
+
+`max_tokens` is the KV-cache size (start token + prompt + output) as in MediaPipe; sampling is
+top-k with temperature (greedy when temperature is 0 or top-k is 1), seeded by `random_seed`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sentencepiece as spm
+import torch
+
+from bundler.task import MODEL_ENTRY, TOKENIZER_ENTRY, TaskFile
+from converter.errors import ConversionError
+from converter.tflite import SPM_VOCAB_MODEL, WeightFile
+
+from .reference import ReferenceModel
+
+
+@dataclass(frozen=True)
+class Options:
+    max_tokens: int = 512
+    top_k: int = 40
+    temperature: float = 0.8
+    random_seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    model: ReferenceModel
+    tokenizer: spm.SentencePieceProcessor
+    start_id: int
+    stop_ids: set[int]
+
+
+def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None) -> LoadedModel:
+    """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle)."""
+    if not Path(model_path).is_file():
+        raise ConversionError(f"--model {model_path}: file not found")
+    with open(model_path, "rb") as handle:
+        head = handle.read(8)
+    tokenizer = spm.SentencePieceProcessor()
+    if head[4:6] == b"PK":
+        task = TaskFile(model_path)
+        entry = task.entries[MODEL_ENTRY]
+        weights = WeightFile(model_path, entry.offset, entry.size)
+        tokenizer.LoadFromSerializedProto(Path(tokenizer_path).read_bytes() if tokenizer_path else task.read(TOKENIZER_ENTRY))
+        metadata = task.metadata()
+        start_id = tokenizer.piece_to_id(metadata.start_token)
+        stops = list(metadata.stop_tokens)
+    else:
+        weights = WeightFile(model_path)
+        blob = Path(tokenizer_path).read_bytes() if tokenizer_path else weights.metadata.get(SPM_VOCAB_MODEL)
+        if not blob:
+            raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
+        tokenizer.LoadFromSerializedProto(blob)
+        params = weights.parameters
+        start_id = params.start_token_id if params.HasField("start_token_id") else tokenizer.piece_to_id(params.start_token)
+        stops = list(params.stop_tokens)
+    lora = WeightFile(lora_path) if lora_path else None
+    return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops})
+
+
+def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -> int:
+    if options.temperature <= 0 or options.top_k == 1:
+        return int(logits.argmax())
+    values, indices = logits.topk(min(options.top_k, logits.numel()))
+    probabilities = torch.softmax(values / options.temperature, -1)
+    return int(indices[torch.multinomial(probabilities, 1, generator=generator)])
+
+
+def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
+    """Token ids as they are generated, until a stop token or the KV cache is full."""
+    ids = [loaded.start_id] + loaded.tokenizer.encode(prompt)
+    if len(ids) >= options.max_tokens:
+        raise ConversionError(f"the prompt takes {len(ids)} tokens; --max-tokens {options.max_tokens} leaves no room")
+    generator = torch.Generator().manual_seed(options.random_seed)
+    with torch.no_grad():
+        logits, cache = loaded.model.forward(ids)
+        for _ in range(options.max_tokens - len(ids)):
+            token = sample(logits[-1], options, generator)
+            if token in loaded.stop_ids:
+                return
+            yield token
+            logits, cache = loaded.model.forward([token], cache)
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]
+    text: str
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.ids) / self.seconds if self.seconds else 0.0
+
+
+def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None) -> Generation:
+    """Generate, calling `on_text(piece)` with each new piece of text as it is decoded."""
+    ids: list[int] = []
+    text = ""
+    start = time.perf_counter()
+    for token in generate_ids(loaded, prompt, options):
+        ids.append(token)
+        decoded = loaded.tokenizer.decode(ids)
+        if on_text and decoded.startswith(text):
+            on_text(decoded[len(text):])
+        text = decoded
+    return Generation(ids, text, time.perf_counter() - start)
