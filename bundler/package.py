@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from converter.config import MAX_LORA_RANK
 from converter.errors import ConversionError
 from converter.files import atomic_output
 from converter.tflite import WeightFile
@@ -26,7 +27,6 @@ from .task import MODEL_ENTRY, TaskFile
 PLATFORMS = ("android", "ios")
 DELIVERY_TYPES = ("install-time", "fast-follow", "on-demand")
 SIDELOAD_DIR = "/data/local/tmp/llm"
-MAX_LORA_RANK = 64  # our bound: ranks the GPU runtime has been seen to take are far below it
 MB = 1 << 20
 GB = 1 << 30
 # Store limits we warn about (Google Play asset packs, App Store / On-Demand Resources).

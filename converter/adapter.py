@@ -20,7 +20,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (".default" optional)
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)*layers\.(\d+)\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
-UNSUPPORTED_CONFIG = ("rank_pattern", "alpha_pattern")
 
 
 @dataclass(frozen=True)
@@ -29,21 +28,24 @@ class LoraPair:
     module: str  # e.g. "self_attn.q_proj"
     a_key: str | None  # None: a target the runtime requires that the adapter lacks (zeros)
     b_key: str | None
+    rank: int = 0
+    scale: float = 0.0  # PEFT's factor for this module: alpha / r (alpha / sqrt(r) with rsLoRA)
 
 
 @dataclass(frozen=True)
 class LoraAdapter:
     source: TensorSource | None
     path: Path
-    rank: int
-    alpha: float
-    use_rslora: bool
+    rank: int  # the largest module rank; smaller ones are zero-padded to it
     pairs: tuple[LoraPair, ...]
 
-    @property
-    def peft_scale(self) -> float:
-        """The factor PEFT multiplies B(Ax) by."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+def pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", module_name):
+            return value
+    return default
 
 
 def _adapter_files(path: Path) -> tuple[Path, dict | None]:
@@ -72,16 +74,20 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: str) -> LoraAdapter:
+def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: str,
+                 max_adapter_mb: float | None = None) -> LoraAdapter:
     """Read and check an adapter against the base model's family and dimensions."""
     path = Path(path)
     file, config = _adapter_files(path)
     config = config or {}
     if config.get("use_dora"):
         raise ConversionError(f"{path}: DoRA adapters (use_dora) cannot run as LoRA on the runtime")
-    for key in UNSUPPORTED_CONFIG:
-        if config.get(key):
-            raise ConversionError(f"{path}: {key} (per-module rank/alpha) is not supported yet")
+    adapter_type = config.get("model_type")  # Workers-AI style configs name the base architecture
+    if adapter_type is not None and adapter_type not in family.hf_model_types:
+        raise ConversionError(f"{path}: adapter_config.json says model_type {adapter_type!r}, but {model_type} is "
+                              f"{' or '.join(repr(t) for t in family.hf_model_types)}")
+    if max_adapter_mb is not None and file.stat().st_size > max_adapter_mb * 2**20:
+        raise ConversionError(f"{file}: {file.stat().st_size / 2**20:.1f} MB is above --max-adapter-mb {max_adapter_mb}")
     source = open_tensor_file(file)
     halves: dict[tuple[int, str], dict[str, str]] = {}
     unknown = []
@@ -98,7 +104,9 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
     if not halves:
         raise ConversionError(f"{file}: no LoRA tensors found")
 
-    ranks = set()
+    alpha = float(config.get("lora_alpha", config.get("r") or 0)) or None
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    pairs = []
     for (layer, module), pair in sorted(halves.items()):
         where = f"{file}: layer {layer} {module}"
         rule = family.lora_rule(module)
@@ -121,19 +129,18 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
                 f"{where}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit the base "
                 f"(expected [r, {in_features}] and [{out_features}, r])"
             )
-        ranks.add(a_shape[0])
-    if len(ranks) > 1:
-        raise ConversionError(f"{file}: modules have different ranks {sorted(ranks)}; expected one rank")
-    rank = ranks.pop()
-    config_rank = config.get("r")
-    if config_rank is not None and config_rank != rank:
-        raise ConversionError(f"{path}: adapter_config.json says r={config_rank} but the tensors have rank {rank}")
-    alpha = float(config.get("lora_alpha", rank))
-    pairs = [LoraPair(layer, module, p["A"], p["B"]) for (layer, module), p in halves.items()]
-    for layer in range(dims.num_layers):
-        for module in family.required_lora:
-            if (layer, module) not in halves:
-                pairs.append(LoraPair(layer, module, None, None))
+        rank = a_shape[0]
+        name = f"model.layers.{layer}.{module}"
+        config_rank = pattern_value(rank_pattern, name, config.get("r"))
+        if config_rank is not None and config_rank != rank:
+            raise ConversionError(f"{where}: adapter_config.json says r={config_rank} but the tensors have rank {rank}")
+        module_alpha = float(pattern_value(alpha_pattern, name, alpha if alpha is not None else rank))
+        scale = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        pairs.append(LoraPair(layer, module, pair["A"], pair["B"], rank, scale))
+    rank = max(p.rank for p in pairs)
+    present = {(p.layer, p.module) for p in pairs}
+    pairs += [LoraPair(layer, module, None, None, rank, 0.0) for layer in range(dims.num_layers)
+              for module in family.required_lora if (layer, module) not in present]
     order = {rule.hf_module: i for i, rule in enumerate(family.lora)}
     pairs.sort(key=lambda p: (p.layer, order[p.module]))
-    return LoraAdapter(source, path, rank, alpha, bool(config.get("use_rslora")), tuple(pairs))
+    return LoraAdapter(source, path, rank, tuple(pairs))

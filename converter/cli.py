@@ -29,14 +29,33 @@ def print_plan(plan: ConversionPlan) -> None:
                            f"{item.encoding:>8} {spec.nbytes:>13,}")
 
 
+def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, max_adapter_mb: float | None) -> None:
+    """Validate an adapter against the model type (and base config.json) and print what would be written."""
+    from pathlib import Path
+
+    from .adapter import load_adapter
+    from .models import find_model_type
+    from .plan import resolve_dims
+
+    family, kind = find_model_type(model_type)
+    dims = resolve_dims(family, kind, Path(input_ckpt))[0] if input_ckpt else kind.reference
+    loaded = load_adapter(adapter, family, dims, kind.name, max_adapter_mb)
+    click.echo(f"{adapter}: rank {loaded.rank}, {len(loaded.pairs)} LoRA modules for {kind.name} ({dims.describe()})")
+    for pair in loaded.pairs:
+        rule = family.lora_rule(pair.module)
+        prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
+        what = f"rank {pair.rank}, scale {pair.scale:g}" if pair.a_key else "missing: written as zeros"
+        click.echo(f"layer {pair.layer:3} {pair.module:18} -> {prefix}.{{{rule.a_name},{rule.b_name}}}  {what}")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--input-ckpt", required=True, help="Base checkpoint: file, folder (sharded too) or glob.")
+@click.option("--input-ckpt", default=None, help="Base checkpoint: file, folder (sharded too) or glob.")
 @click.option("--ckpt-format", type=click.Choice(options.CKPT_FORMATS), default="safetensors", show_default=True)
 @click.option("--model-type", required=True, metavar="TYPE", help=f"One of: {', '.join(model_type_names())}.")
 @click.option("--backend", type=click.Choice(options.BACKENDS), default="gpu", show_default=True)
-@click.option("--output-dir", required=True, help="Output folder (created if missing).")
+@click.option("--output-dir", default=None, help="Output folder (created if missing).")
 @click.option("--output-tflite-file", default=None, help="Base weights file [default: OUTPUT_DIR/model.tflite].")
-@click.option("--vocab-model-file", required=True, help="SentencePiece tokenizer.model of the base model.")
+@click.option("--vocab-model-file", default=None, help="SentencePiece tokenizer.model of the base model.")
 @click.option("--lora-ckpt", default=None, help="LoRA adapter: PEFT folder or .safetensors/.bin file.")
 @click.option("--lora-rank", type=int, default=None, help="Rank the runtime is told (>= the adapter's rank).")
 @click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
@@ -47,10 +66,25 @@ def print_plan(plan: ConversionPlan) -> None:
 @click.option("--mediapipe-compat", is_flag=True,
               help="Reproduce MediaPipe 0.10.21's bytes exactly, including its o_proj LoRA encoding that the "
                    "runtime mis-applies, and raw LoRA scaling.")
+@click.option("--max-rank", type=int, default=options.MAX_LORA_RANK, show_default=True,
+              help="Refuse a --lora-rank above this.")
+@click.option("--max-adapter-mb", type=float, default=None, help="Refuse adapter files larger than this.")
+@click.option("--check-adapter", default=None, metavar="ADAPTER",
+              help="Only validate this adapter against --model-type (and --input-ckpt's config.json) and "
+                   "print what would be written.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def main(dry_run: bool, quiet: bool, **kwargs) -> None:
+def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:
     """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
+    if check_adapter:
+        try:
+            print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"])
+        except ConversionError as exc:
+            fail(exc)
+        return
+    missing = [f"--{k.replace('_', '-')}" for k in ("input_ckpt", "output_dir", "vocab_model_file") if not kwargs[k]]
+    if missing:
+        raise click.UsageError(f"Missing option(s) {', '.join(missing)}")
     try:
         plan = make_plan(ConversionConfig(**kwargs))
     except ConversionError as exc:

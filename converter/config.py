@@ -15,6 +15,7 @@ CKPT_FORMATS = ("safetensors", "pytorch")
 BACKENDS = ("gpu", "cpu")
 QUANTIZATIONS = ("int8", "int4", "fp16", "fp32")
 LORA_SCALINGS = ("peft", "raw")
+MAX_LORA_RANK = 64  # our default bound; ranks the GPU runtime was seen to take (8, 16) are far below
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class ConversionConfig:
     quantization: str = "int8"
     mediapipe_compat: bool = False
     lora_scaling: str | None = None
+    max_rank: int = MAX_LORA_RANK
+    max_adapter_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.ckpt_format not in CKPT_FORMATS:

@@ -108,8 +108,7 @@ def lora_half(plan: ConversionPlan, item: PlannedTensor) -> torch.Tensor:
             values = chunk.to(torch.float32)
         _check_finite(item.source, 0, values)
         matrix[: values.shape[0], : values.shape[1]] = values
-    if item.encoding == "lora-B" and plan.config.effective_lora_scaling == "peft":
-        matrix *= plan.adapter.peft_scale
+    matrix *= item.scale
     if item.lora_rule_transposed:
         # MediaPipe 0.10.21 reinterprets the transposed buffer instead of transposing.
         matrix = matrix.t().contiguous().reshape(rows, cols)

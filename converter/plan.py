@@ -33,6 +33,7 @@ class PlannedTensor:
     encoding: str  # int8 | int4 | fp16 | fp32 (tiled weights) | float32 (raw) | lora-A | lora-B
     outputs: tuple[tflite.TensorSpec, ...]
     lora_rule_transposed: bool = False  # o_proj halves in --mediapipe-compat
+    scale: float = 1.0  # factor folded into the stored values (LoRA B: PEFT's alpha / r)
 
     @property
     def nbytes(self) -> int:
@@ -176,8 +177,10 @@ def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ..
     return PlannedTensor(name, shape, dtype, quantization, (tflite.TensorSpec(mp_name, data_type, rows * cols * itemsize),))
 
 
-def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, compat: bool) -> list[PlannedTensor]:
-    """LoRA halves as fp16 tile4 tensors, the A-derived one first, in the family's target order."""
+def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, compat: bool,
+              peft_scaling: bool) -> list[PlannedTensor]:
+    """LoRA halves as fp16 tile4 tensors, the A-derived one first, in the family's target order;
+    B carries PEFT's scale when `peft_scaling`."""
     plan = []
     for pair in adapter.pairs:
         rule = family.lora_rule(pair.module)
@@ -191,7 +194,8 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
             dtype = str(adapter.source.info(key).dtype).removeprefix("torch.") if key else "zeros"
             _check_tileable(key or f"{prefix}.{name}", shape)
             spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * 2)
-            plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed))
+            scale = pair.scale if half == "B" and peft_scaling else 1.0
+            plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed, scale))
     return plan
 
 
@@ -232,13 +236,16 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         if config.lora_ckpt is not None:
             if not family.lora:
                 raise ConversionError(f"LoRA is not supported for {model_type.name}")
-            adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name)
+            adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb)
             plan.adapter = adapter
             if config.lora_rank < adapter.rank:
                 raise ConversionError(
                     f"--lora-rank {config.lora_rank} does not match the adapter's rank {adapter.rank} ({config.lora_ckpt})"
                 )
-            plan.lora = plan_lora(family, dims, adapter, config.lora_rank, config.mediapipe_compat)
+            if config.lora_rank > config.max_rank:
+                raise ConversionError(f"--lora-rank {config.lora_rank} is above --max-rank {config.max_rank}")
+            plan.lora = plan_lora(family, dims, adapter, config.lora_rank, config.mediapipe_compat,
+                                  config.effective_lora_scaling == "peft")
     except BaseException:
         source.close()
         raise

@@ -143,7 +143,7 @@ def gemma_2b_plan(quantization: str, adapter_dir: Path | None = None):
     if adapter_dir:
         write_adapter(shapes, adapter_dir, 8, 16.0, ATTENTION_TARGETS, 0, torch.bfloat16)
         plan.adapter = load_adapter(adapter_dir, family, dims, "GEMMA_2B")
-        plan.lora = plan_lora(family, dims, plan.adapter, 8, compat=True)
+        plan.lora = plan_lora(family, dims, plan.adapter, 8, compat=True, peft_scaling=False)
     return plan
 
 
