@@ -13,7 +13,7 @@ from converter.errors import ConversionError
 from converter.tflite import SPM_VOCAB_MODEL, TYPE_NAMES, WeightFile
 from converter.proto import llm_params_pb2
 
-from .task import MODEL_ENTRY, TOKENIZER_ENTRY, TaskFile
+from .task import TOKENIZER_ENTRY, open_weights
 
 LORA_NAME = re.compile(r"x_layers_(\d+)\.(.+)\.w_prime_(?:left|right)$")
 MODEL_TYPES = {v: k.removeprefix("LLM_MODEL_TYPE_") for k, v in llm_params_pb2.LlmModelType.items()}
@@ -65,17 +65,11 @@ def describe_tokenizer(model: bytes) -> tuple[dict, spm.SentencePieceProcessor]:
 def describe(path: Path, with_hashes: bool = True) -> dict:
     """Everything worth knowing about a .task or weights file, JSON-ready."""
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
+    weights, task = open_weights(path)
     result = {"path": str(path), "size": path.stat().st_size}
     if with_hashes:
         result["sha256"] = sha256(path)
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[4:6] == b"PK" or head[:2] == b"PK":
-        task = TaskFile(path)
-        entry = task.entries[MODEL_ENTRY]
-        weights = WeightFile(path, entry.offset, entry.size)
+    if task is not None:
         metadata = task.metadata()
         result["format"] = "task"
         result["entries"] = [
@@ -87,7 +81,6 @@ def describe(path: Path, with_hashes: bool = True) -> dict:
         result["bundle"] = MessageToDict(metadata, preserving_proto_field_name=True)
         start, stops = metadata.start_token, list(metadata.stop_tokens)
     else:
-        weights = WeightFile(path)
         result["format"] = "weights"
         tokenizer, processor = describe_tokenizer(weights.metadata.get(SPM_VOCAB_MODEL) or b"")
         parameters = weights.parameters

@@ -22,7 +22,7 @@ from converter.files import atomic_output
 from converter.tflite import WeightFile
 
 from .inspect import describe_weights, sha256
-from .task import MODEL_ENTRY, TaskFile
+from .task import open_weights
 
 PLATFORMS = ("android", "ios")
 DELIVERY_TYPES = ("install-time", "fast-follow", "on-demand")
@@ -59,18 +59,6 @@ class PackageResult:
     folder: Path
     files: list[PackagedFile]
     warnings: list[str]
-
-
-def open_model(path: Path) -> tuple[WeightFile, str]:
-    """The base weights of a .task or .bin, and which of the two it is."""
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[4:6] == b"PK" or head[:2] == b"PK":
-        entry = TaskFile(path).entries[MODEL_ENTRY]
-        return WeightFile(path, entry.offset, entry.size), "task"
-    return WeightFile(path), "weights"
 
 
 def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
@@ -127,7 +115,8 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
         raise ConversionError(f"--delivery {delivery!r}: expected one of {', '.join(DELIVERY_TYPES)}")
     if not NAME.match(pack_name):
         raise ConversionError(f"--pack-name {pack_name!r}: use letters, digits and _ (starting with a letter)")
-    base, kind = open_model(model)
+    base, task = open_weights(model)
+    kind = "task" if task is not None else "weights"
     if base.lora_rank is not None:
         raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
     names = [name for name, _ in loras]

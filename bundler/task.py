@@ -19,6 +19,7 @@ from pathlib import Path
 from converter.errors import ConversionError
 from converter.files import atomic_output
 from converter.proto import llm_params_pb2
+from converter.tflite import WeightFile
 
 MODEL_ENTRY = "TF_LITE_PREFILL_DECODE"
 TOKENIZER_ENTRY = "TOKENIZER_MODEL"
@@ -121,3 +122,21 @@ class TaskFile:
             return llm_params_pb2.LlmParameters.FromString(self.read(METADATA_ENTRY))
         except Exception:  # protobuf's DecodeError and friends
             raise ConversionError(f"{self.path}: METADATA is not a valid LlmParameters message") from None
+
+
+def is_task(path: Path) -> bool:
+    """A .task zip (MediaPipe's starts with 4 pad bytes, then PK) rather than a weights file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    return head[4:6] == b"PK" or head[:2] == b"PK"
+
+
+def open_weights(path: Path) -> tuple[WeightFile, TaskFile | None]:
+    """The weights of a .bin, or of a .task's model entry (with the bundle itself)."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    if not is_task(path):
+        return WeightFile(path), None
+    task = TaskFile(path)
+    entry = task.entries[MODEL_ENTRY]
+    return WeightFile(path, entry.offset, entry.size), task

@@ -6,7 +6,6 @@ The runtime never reads alpha, so the scale is folded into B when the file is wr
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import TensorSource, open_tensor_file
 from .errors import ConversionError
+from .files import read_json_object
 from .models.base import Dims, ModelFamily
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,7 +51,7 @@ def pattern_value(pattern: dict, module_name: str, default):
 def _adapter_files(path: Path) -> tuple[Path, dict | None]:
     if path.is_dir():
         config_file = path / ADAPTER_CONFIG
-        config = _read_config(config_file) if config_file.is_file() else None
+        config = read_json_object(config_file) if config_file.is_file() else None
         for name in ADAPTER_FILES:
             if (path / name).is_file():
                 return path / name, config
@@ -60,18 +60,8 @@ def _adapter_files(path: Path) -> tuple[Path, dict | None]:
         if path.suffix not in (".safetensors", ".bin", ".pt"):
             raise ConversionError(f"{path}: expected a .safetensors or .bin adapter file")
         sibling = path.parent / ADAPTER_CONFIG
-        return path, _read_config(sibling) if sibling.is_file() else None
+        return path, read_json_object(sibling) if sibling.is_file() else None
     raise ConversionError(f"{path}: LoRA adapter not found")
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return config
 
 
 def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: str,

@@ -1,11 +1,25 @@
-"""Atomic output: write next to the destination under a temporary name, rename when complete."""
+"""File helpers: JSON objects in, atomic output (temporary name, renamed when complete) out."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from .errors import ConversionError
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return config
 
 
 @contextmanager

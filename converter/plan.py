@@ -5,7 +5,6 @@ is reported before a single output byte is written; `--dry-run` prints the plan.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from .adapter import LoraAdapter, load_adapter
 from .checkpoint import TensorSource, open_checkpoint
 from .config import ConversionConfig
 from .errors import ConversionError
+from .files import read_json_object
 from .models import find_model_type
 from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
 
@@ -84,13 +84,7 @@ def _read_config(checkpoint: Path) -> tuple[dict | None, Path]:
     path = folder / "config.json"
     if not path.is_file():
         return None, path
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return config, path
+    return read_json_object(path), path
 
 
 def resolve_dims(family: ModelFamily, model_type: ModelType, checkpoint: Path) -> tuple[Dims, dict]:

@@ -13,7 +13,7 @@ from typing import Iterator
 import sentencepiece as spm
 import torch
 
-from bundler.task import MODEL_ENTRY, TOKENIZER_ENTRY, TaskFile
+from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
 
@@ -40,19 +40,14 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
     """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle)."""
     if not Path(model_path).is_file():
         raise ConversionError(f"--model {model_path}: file not found")
-    with open(model_path, "rb") as handle:
-        head = handle.read(8)
+    weights, task = open_weights(Path(model_path))
     tokenizer = spm.SentencePieceProcessor()
-    if head[4:6] == b"PK":
-        task = TaskFile(model_path)
-        entry = task.entries[MODEL_ENTRY]
-        weights = WeightFile(model_path, entry.offset, entry.size)
+    if task is not None:
         tokenizer.LoadFromSerializedProto(Path(tokenizer_path).read_bytes() if tokenizer_path else task.read(TOKENIZER_ENTRY))
         metadata = task.metadata()
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
     else:
-        weights = WeightFile(model_path)
         blob = Path(tokenizer_path).read_bytes() if tokenizer_path else weights.metadata.get(SPM_VOCAB_MODEL)
         if not blob:
             raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
