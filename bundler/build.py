@@ -8,6 +8,7 @@ import sentencepiece as spm
 
 from converter.errors import ConversionError
 from converter.tflite import WeightFile
+from converter.tokenizer import load_tokenizer
 
 from .config import BundleConfig
 from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
@@ -19,19 +20,6 @@ class CheckedInputs:
     tokenizer: spm.SentencePieceProcessor
     start_id: int
     stop_ids: list[int]
-
-
-def load_tokenizer(path: Path, option: str = "--tokenizer-model") -> spm.SentencePieceProcessor:
-    if path.is_dir():
-        raise ConversionError(f"{option} {path} is a folder; expected a SentencePiece .model file")
-    processor = spm.SentencePieceProcessor()
-    try:
-        processor.LoadFromSerializedProto(path.read_bytes())
-    except OSError as exc:
-        raise ConversionError(f"{option} {path}: cannot read ({exc.strerror})") from None
-    except RuntimeError:
-        raise ConversionError(f"{option} {path}: not a valid SentencePiece model") from None
-    return processor
 
 
 def token_id(tokenizer: spm.SentencePieceProcessor, token: str, option: str, path: Path) -> int:
@@ -52,7 +40,7 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
                               "bundle the base model and ship LoRA files beside it")
-    tokenizer = load_tokenizer(tokenizer_path)
+    _, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
     vocab_size = model.parameters.vocab_size
     if vocab_size and tokenizer.vocab_size() != vocab_size:
         raise ConversionError(f"--tokenizer-model {tokenizer_path} has {tokenizer.vocab_size()} pieces but "

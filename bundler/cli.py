@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from converter.errors import ConversionError
+from converter.runtime_options import DEFAULTS, RuntimeOptions
 
 from .config import FORMATS, BundleConfig
 
@@ -106,14 +107,14 @@ def parse_lora(value: str) -> tuple[str, Path]:
 @click.option("--pack-name", default="llm", show_default=True, help="Asset pack / resource folder name.")
 @click.option("--delivery", type=click.Choice(["install-time", "fast-follow", "on-demand"]), default="install-time",
               show_default=True, help="Play Asset Delivery type (Android).")
-@click.option("--max-tokens", default=512, show_default=True)
-@click.option("--top-k", default=40, show_default=True)
-@click.option("--temperature", default=0.8, show_default=True)
-@click.option("--random-seed", default=0, show_default=True)
+@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True)
+@click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True)
+@click.option("--random-seed", default=DEFAULTS.random_seed, show_default=True)
 def package(model: Path, loras, platform, output, pack_name, delivery, max_tokens, top_k, temperature,
             random_seed) -> None:
     """Lay out MODEL (.task or .bin) and LoRA files for an Android or iOS app, with manifests."""
-    from .package import RuntimeOptions, package as make_package
+    from .package import package as make_package
 
     try:
         result = make_package(model, [parse_lora(v) for v in loras], platform, output, pack_name, delivery,

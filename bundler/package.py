@@ -18,6 +18,7 @@ from pathlib import Path
 
 from converter.config import MAX_LORA_RANK
 from converter.errors import ConversionError
+from converter.runtime_options import DEFAULTS, RuntimeOptions
 from converter.files import atomic_output
 from converter.tflite import WeightFile
 
@@ -34,16 +35,6 @@ ANDROID_PACK_LIMITS = {"install-time": 1 * GB, "fast-follow": 512 * MB, "on-dema
 IOS_ODR_TAG_LIMIT = 512 * MB
 IOS_APP_LIMIT = 4 * GB
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """MediaPipe LLM Inference options, with its defaults."""
-
-    maxTokens: int = 512
-    topK: int = 40
-    temperature: float = 0.8
-    randomSeed: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +98,7 @@ def size_warnings(platform: str, delivery: str, files: list[PackagedFile]) -> li
 
 
 def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: Path, pack_name: str = "llm",
-            delivery: str = "install-time", options: RuntimeOptions = RuntimeOptions()) -> PackageResult:
+            delivery: str = "install-time", options: RuntimeOptions = DEFAULTS) -> PackageResult:
     """Check the model and adapters, copy them into a platform layout and write the manifests."""
     if platform not in PLATFORMS:
         raise ConversionError(f"--platform {platform!r}: expected one of {', '.join(PLATFORMS)}")
@@ -143,7 +134,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
         "adapters": [{"name": name, "file": path.name, "lora_rank": lora.lora_rank,
                       "targets": describe_weights(lora)["lora_targets"]} for name, path, lora in adapters],
         "files": [asdict(f) for f in files],
-        "runtime_options": {**asdict(options), "loraRanks": sorted({lora.lora_rank for _, _, lora in adapters})},
+        "runtime_options": {**options.as_mediapipe(), "loraRanks": sorted({lora.lora_rank for _, _, lora in adapters})},
     }
     if platform == "android":
         manifest["delivery"] = delivery

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
-
 from . import tflite
 from .adapter import LoraAdapter, load_adapter
 from .checkpoint import TensorSource, open_checkpoint
@@ -17,6 +15,7 @@ from .config import ConversionConfig
 from .errors import ConversionError
 from .files import read_json_object
 from .models import find_model_type
+from .tokenizer import load_tokenizer
 from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
 
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -195,17 +194,7 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
 
 def read_tokenizer(path: Path, vocab_size: int) -> bytes:
     """The SentencePiece model bytes, checked to load and to fit the model's vocabulary."""
-    if path.is_dir():
-        raise ConversionError(f"--vocab-model-file {path} is a folder; expected a SentencePiece .model file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConversionError(f"--vocab-model-file {path}: cannot read ({exc.strerror})") from None
-    processor = spm.SentencePieceProcessor()
-    try:
-        processor.LoadFromSerializedProto(data)
-    except (RuntimeError, OSError):
-        raise ConversionError(f"--vocab-model-file {path}: not a valid SentencePiece model") from None
+    data, processor = load_tokenizer(path, "--vocab-model-file")
     if processor.vocab_size() > vocab_size:
         raise ConversionError(
             f"--vocab-model-file {path}: tokenizer has {processor.vocab_size()} pieces but the model's "

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from converter.errors import ConversionError
+from converter.runtime_options import DEFAULTS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,10 +16,10 @@ from converter.errors import ConversionError
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="SentencePiece model [default: the one in the model file].")
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", default=512, show_default=True, help="KV-cache size: prompt + output tokens.")
-@click.option("--top-k", default=40, show_default=True)
-@click.option("--temperature", default=0.8, show_default=True, help="0: greedy.")
-@click.option("--random-seed", default=0, show_default=True)
+@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True, help="KV-cache size: prompt + output tokens.")
+@click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="0: greedy.")
+@click.option("--random-seed", default=DEFAULTS.random_seed, show_default=True)
 def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_seed) -> None:
     """Stream a generation to stdout and report tokens/s on stderr."""
     from .generate import Options, generate, load

@@ -15,17 +15,10 @@ import torch
 
 from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
+from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
 
 from .reference import ReferenceModel
-
-
-@dataclass(frozen=True)
-class Options:
-    max_tokens: int = 512
-    top_k: int = 40
-    temperature: float = 0.8
-    random_seed: int = 0
 
 
 @dataclass
