@@ -17,6 +17,7 @@ from .files import read_json_object
 from .models import find_model_type
 from .tokenizer import load_tokenizer
 from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
+from .split import SplittingSource
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 FLOAT_TYPES = {"fp16": tflite.FLOAT16, "fp32": tflite.FLOAT32}
@@ -128,27 +129,40 @@ def plan_base(family: ModelFamily, dims: Dims, source: TensorSource, quantizatio
         expected += [(rule, *_expand(rule, layer, family)) for rule in family.layer]
     expected += [(rule, *_expand(rule, None, family)) for rule in family.tail]
     available = {_strip_prefix(name): name for name in source.names()}
+    unused = set(available)
 
     plan = []
     missing = []
     for rule, hf_name, mp_name in expected:
-        name = available.pop(hf_name, None)
+        name = available.get(hf_name)
+        if name is None and rule.tied is not None:
+            name = available.get(rule.tied)
         if name is None:
             missing.append(hf_name)
             continue
+        unused.discard(_strip_prefix(name))
         info = source.info(name)
         want = dims.shape(rule.shape)
         if info.shape != want:
             raise ConversionError(f"tensor {name} has shape {list(info.shape)}, expected {list(want)} ({dims.describe()})")
+        if rule.split is not None:
+            name = _add_slice(source, name, rule, dims)
+            info = source.info(name)
         plan.append(_plan_weight(rule, name, mp_name, info.shape, str(info.dtype).removeprefix("torch."), quantization))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConversionError(f"checkpoint is missing tensor(s) {shown} for a {dims.num_layers}-layer {family.name} model")
-    unknown = [name for key, name in available.items() if key not in family.ignored]
+    unknown = [available[key] for key in available if key in unused and key not in family.ignored]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ConversionError(f"checkpoint has tensor(s) that a {family.name} model does not: {shown}")
     return plan
+
+
+def _add_slice(source: TensorSource, name: str, rule: WeightRule, dims: Dims) -> str:
+    if not isinstance(source, SplittingSource):
+        raise TypeError("fused tensors need a SplittingSource")
+    return source.add_slice(name, rule.split.part, rule.split.parts, getattr(dims, rule.split.block))
 
 
 def _strip_prefix(name: str) -> str:
@@ -212,13 +226,16 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
     dims, hf_config = resolve_dims(family, model_type, checkpoint)
     parameters = family.parameters(dims, hf_config).SerializeToString()
     tokenizer = read_tokenizer(Path(config.vocab_model_file), dims.vocab_size)
-    source = open_checkpoint(checkpoint, config.ckpt_format)
+    source = SplittingSource(open_checkpoint(checkpoint, config.ckpt_format))
     try:
         base = plan_base(family, dims, source, config.quantization)
         plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
         if config.lora_ckpt is not None:
             if not family.lora:
-                raise ConversionError(f"LoRA is not supported for {model_type.name}")
+                raise ConversionError(
+                    f"--lora-ckpt: model type {model_type.name}: the runtime takes no LoRA for it; "
+                    "merge the adapter into the base checkpoint first"
+                )
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb)
             plan.adapter = adapter
             if config.lora_rank < adapter.rank:

@@ -35,6 +35,33 @@ PRESETS: dict[str, dict] = {
 }
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# Phi-2, Falcon-RW and StableLM (real shapes of MediaPipe's PHI_2, FALCON_RW_1B, STABLELM_4E1T_3B).
+PRESETS.update({
+    "PHI_2": dict(
+        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, partial_rotary_factor=0.4, bos_token_id=50256, eos_token_id=50256,
+    ),
+    "FALCON_RW_1B": dict(
+        model_type="falcon", vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+        alibi=True, bias=True, multi_query=False, parallel_attn=False, new_decoder_architecture=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "STABLELM_4E1T_3B": dict(
+        model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, bos_token_id=0, eos_token_id=0,
+    ),
+})
+LORA_TARGETS = {"PHI_2": ("q_proj", "k_proj", "v_proj", "dense")}  # others: ATTENTION_TARGETS
+PYTORCH_PRESETS = ("FALCON_RW_1B",)  # falcon-rw-1b ships one PyTorch pytorch_model.bin, lm_head included
+
+
+def write_pytorch(shapes: dict[str, tuple[int, ...]], out: Path, seed: int, dtype: torch.dtype, tied: dict) -> None:
+    """One `pytorch_model.bin` state dict; tied tensors share storage, as torch.save writes them."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        tensors[name] = tensors[tied[name]] if name in tied else random_tensor(name, shape, seed, dtype)
+    torch.save(tensors, str(out / "pytorch_model.bin"))
+
 
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed derived from the global seed and the tensor name."""
@@ -137,10 +164,15 @@ def main(preset, out, seed, dtype, shard_gb, lora_rank, lora_alpha, lora_out) ->
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     shapes = model_shapes(config)
-    write_sharded(shapes, out, seed, torch_dtype, int(shard_gb * 2**30))
+    if preset in PYTORCH_PRESETS:
+        shapes["lm_head.weight"] = shapes["transformer.word_embeddings.weight"]
+        write_pytorch(shapes, out, seed, torch_dtype, {"lm_head.weight": "transformer.word_embeddings.weight"})
+    else:
+        write_sharded(shapes, out, seed, torch_dtype, int(shard_gb * 2**30))
     if lora_rank:
         alpha = lora_alpha if lora_alpha is not None else 2.0 * lora_rank
-        write_adapter(shapes, lora_out or Path(f"{out}-lora"), lora_rank, alpha, ATTENTION_TARGETS, seed, torch_dtype)
+        targets = LORA_TARGETS.get(preset, ATTENTION_TARGETS)
+        write_adapter(shapes, lora_out or Path(f"{out}-lora"), lora_rank, alpha, targets, seed, torch_dtype)
     click.echo(f"wrote {preset} checkpoint to {out}")
 
 

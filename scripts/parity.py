@@ -22,6 +22,7 @@ from oracle import ROOT, ensure_checkpoint, gib, oracle_python, run_measured  # 
 
 sys.path.insert(0, str(ROOT))
 from converter.tflite import WeightFile  # noqa: E402
+from make_checkpoint import PYTORCH_PRESETS  # noqa: E402
 
 
 def digests(path: Path) -> dict:
@@ -71,6 +72,18 @@ def _same_bytes(a: Path, b: Path, block: int = 1 << 24) -> bool:
                 return True
 
 
+# Phi-2, Falcon-RW, StableLM: Falcon's checkpoint is one PyTorch file; 0.10.21 leaves Phi-2's LoRA
+# bins unrenamed, so its LoRA oracle renames them as PhiMapper intends before the C++ step.
+RENAMED_LORA_PRESETS = ("PHI_2",)
+
+
+def checkpoint_input(preset: str, folder: Path) -> tuple[str, Path]:
+    """The --ckpt-format and --input-ckpt both converters get (MediaPipe reads one PyTorch file)."""
+    if preset in PYTORCH_PRESETS:
+        return "pytorch", folder / "pytorch_model.bin"
+    return "safetensors", folder
+
+
 @click.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/lora-convert-parity"), show_default=True)
 @click.option("--preset", default="GEMMA_2B", show_default=True)
@@ -83,17 +96,22 @@ def main(workdir: Path, preset: str, quantization: str, lora_rank: int, record: 
     bits = {"int8": 8, "int4": 4}[quantization]
     theirs = workdir / f"mediapipe-{quantization}"
     ours = workdir / f"ours-{quantization}"
+    ckpt_format, checkpoint = checkpoint_input(preset, checkpoint)
     mp_command = [oracle_python(), str(ROOT / "scripts" / "oracle_convert.py"), "--model-type", preset,
-                  "--input-ckpt", str(checkpoint), "--vocab-model-file", str(tokenizer), "--bits", str(bits),
-                  "--output-dir", str(theirs / "bins"), "--output-tflite-file", str(theirs / "model.bin")]
+                  "--input-ckpt", str(checkpoint), "--ckpt-format", ckpt_format, "--vocab-model-file", str(tokenizer),
+                  "--bits", str(bits), "--output-dir", str(theirs / "bins"), "--output-tflite-file",
+                  str(theirs / "model.bin")]
     our_command = [sys.executable, "-m", "converter.cli", "--model-type", preset, "--input-ckpt", str(checkpoint),
-                   "--vocab-model-file", str(tokenizer), "--quantization", quantization, "--output-dir", str(ours),
-                   "--output-tflite-file", str(ours / "model.bin"), "--mediapipe-compat", "--quiet"]
+                   "--ckpt-format", ckpt_format, "--vocab-model-file", str(tokenizer), "--quantization", quantization,
+                   "--output-dir", str(ours), "--output-tflite-file", str(ours / "model.bin"), "--mediapipe-compat",
+                   "--quiet"]
     if adapter:
         mp_command += ["--lora-ckpt", str(adapter), "--lora-rank", str(lora_rank),
                        "--lora-output-tflite-file", str(theirs / "lora.bin")]
         our_command += ["--lora-ckpt", str(adapter), "--lora-rank", str(lora_rank),
                         "--lora-output-tflite-file", str(ours / "lora.bin")]
+        if preset in RENAMED_LORA_PRESETS:
+            mp_command += ["--rename-lora-bins"]
     if not (theirs / "model.bin").is_file():
         run = run_measured(mp_command, cwd=workdir)
         click.echo(f"MediaPipe 0.10.21: {run.seconds:.1f} s, peak RSS {gib(run.peak_rss_bytes)}, exit {run.returncode}")

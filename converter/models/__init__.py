@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..errors import ConversionError
-from . import gemma
+from . import falcon, gemma, phi2, stablelm
 from .base import ModelFamily, ModelType
 
-FAMILIES: tuple[ModelFamily, ...] = (gemma.FAMILY,)
+FAMILIES: tuple[ModelFamily, ...] = (gemma.FAMILY, phi2.FAMILY, falcon.FAMILY, stablelm.FAMILY)
 
 
 def model_type_names() -> list[str]:

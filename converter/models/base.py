@@ -44,6 +44,10 @@ class Dims:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
     def shape(self, names: tuple[str, ...]) -> tuple[int, ...]:
         """Evaluate a symbolic shape such as ("q_size", "hidden_size")."""
         return tuple(getattr(self, name) for name in names)
@@ -53,12 +57,27 @@ class Dims:
 
 
 @dataclass(frozen=True)
+class Split:
+    """Where one output tensor lies in a fused checkpoint tensor (e.g. Falcon's query_key_value).
+
+    The fused rows are read as `[-1, parts, block]`; this output takes index `part` of the middle
+    axis, so `block` rows at a time from every group of `parts * block` rows.
+    """
+
+    part: int
+    parts: int
+    block: str = "head_dim"
+
+
+@dataclass(frozen=True)
 class WeightRule:
     """One base tensor: its Hugging Face name, MediaPipe name, role and symbolic shape.
 
     Names may contain `{i}` for the layer index. `lookup_order` marks the embedding that the
     runtime looks up first: its tensors are stored as `w, w.sum_i, w_quantized_scale`
-    instead of `w_quantized_scale, w, w.sum_i`.
+    instead of `w_quantized_scale, w, w.sum_i`. `shape` is the checkpoint tensor's shape; with
+    `split` the output is its `split.part` slice. `tied` names the tensor to read when `hf` is
+    absent (a tied output projection reads the embedding).
     """
 
     hf: str
@@ -66,6 +85,8 @@ class WeightRule:
     role: Role
     shape: tuple[str, ...]
     lookup_order: bool = False
+    split: Split | None = None
+    tied: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,7 @@ class ModelFamily:
     layer_prefix: str = "model.layers.{i}."
     mp_layer_prefix: str = "params.lm.transformer.x_layers_{i}."
     config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    config_defaults: Callable[[dict], dict] | None = None  # config.json values derived when absent
 
     def model_type(self, name: str) -> ModelType:
         return next(t for t in self.model_types if t.name == name)
@@ -137,6 +159,8 @@ def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
     """Read Dims from a config.json dict; kv heads default to heads, head_dim to hidden/heads."""
     keys = {**DEFAULT_CONFIG_KEYS, **family.config_keys}
     values: dict[str, int] = {}
+    if family.config_defaults is not None:
+        config = {**family.config_defaults(config), **{k: v for k, v in config.items() if v is not None}}
     for name, candidates in keys.items():
         found = next((config[k] for k in candidates if config.get(k) is not None), None)
         if found is not None:

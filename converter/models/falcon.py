@@ -1,0 +1,98 @@
+"""Falcon-RW: FALCON_RW_1B, Hugging Face `FalconForCausalLM` as falcon-rw-1b configures it.
+
+ALiBi instead of rotary, sequential attention and MLP with LayerNorms (with bias), biases on
+every projection, GELU MLP, and the output projection tied to the embedding. The fused
+`query_key_value` interleaves q, k and v per head (`[heads, 3, head_dim]` rows); MediaPipe
+writes them as three tensors. Its checkpoints are PyTorch `.bin` files.
+"""
+from __future__ import annotations
+
+from ..proto import llm_params_pb2
+from ..proto.transformer_params_pb2 import TransformerParameters as TP
+from .base import Dims, ModelFamily, ModelType, Role, Split, WeightRule
+from .checks import require, require_close
+
+H = ("hidden_size",)
+QKV = ("qkv_size", "hidden_size")
+LAYER_NORM_EPS = 1e-5
+START_TOKEN_ID = 1
+
+
+def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
+    """LlmParameters for a Falcon-RW checkpoint, matching MediaPipe's for the real size."""
+    require(config, "alibi", (True,), False)
+    require(config, "parallel_attn", (False,), True)
+    require(config, "new_decoder_architecture", (False,), False)
+    require(config, "multi_query", (False,), True)
+    require(config, "bias", (True,), False)
+    require(config, "apply_residual_connection_post_layernorm", (False,), False)
+    require(config, "activation", ("gelu",), "gelu")
+    require_close(config, "layer_norm_epsilon", LAYER_NORM_EPS)
+    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=START_TOKEN_ID,
+                                          stop_tokens=["<|endoftext|>"])
+    t = params.transformer_parameters
+    t.batch_size = 1
+    t.embedding_dim = dims.hidden_size
+    t.hidden_dimension = dims.intermediate_size
+    t.head_dimension = dims.head_dim
+    t.num_heads = dims.num_heads
+    t.num_stacks = dims.num_layers
+    t.num_kv_heads = dims.num_kv_heads  # MediaPipe writes the head count here, not 0
+    t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(activation=TP.GELU, pre_norm=TP.LAYER_NORM,
+                                                                post_norm=TP.NO_NORM))
+    t.final_project_parameters.no_bias = True
+    t.pre_norm, t.post_norm, t.final_norm = TP.LAYER_NORM, TP.NO_NORM, TP.LAYER_NORM
+    t.self_attention_parameters.CopyFrom(TP.SelfAttentionParameters(
+        attention_mask_type=TP.CAUSAL, attention_scale_type=TP.SCALE_TYPE_INV_SQRT_HEAD_DIM))
+    t.skip_absolute_positional_embeddings = True
+    t.load_per_layer_embedding_dynamically = True
+    t.load_ngrammer_embedding_dynamically = True
+    return params
+
+
+def linear(hf: str, mp: str, role: Role, shape: tuple[str, str], split: Split | None = None,
+           source_shape: tuple[str, str] | None = None) -> tuple[WeightRule, WeightRule]:
+    """A projection with bias: `<hf>.weight` -> `<mp>.linear.w`, `<hf>.bias` -> `<mp>.bias.b`."""
+    shape = source_shape or shape
+    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape, split=split),
+            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1], split=split))
+
+
+def fused_qkv(part: int, name: str) -> tuple[WeightRule, WeightRule]:
+    return linear("self_attention.query_key_value", f"self_attention.{name}", Role.ATTENTION, QKV, Split(part, 3))
+
+
+FAMILY = ModelFamily(
+    name="falcon",
+    hf_model_types=("falcon", "RefinedWebModel"),
+    model_types=(ModelType("FALCON_RW_1B", 5, Dims(24, 2048, 8192, 32, 32, 64, 50304)),),
+    head=(
+        WeightRule("transformer.word_embeddings.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
+                   ("vocab_size", "hidden_size"), lookup_order=True),
+    ),
+    layer=(
+        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
+        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H),
+        *fused_qkv(0, "q"),
+        *fused_qkv(1, "k"),
+        *fused_qkv(2, "v"),
+        *linear("self_attention.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size")),
+        WeightRule("post_attention_layernorm.weight", "post_layer_norm.scale", Role.NORM, H),
+        WeightRule("post_attention_layernorm.bias", "post_layer_norm.bias", Role.NORM, H),
+        *linear("mlp.dense_h_to_4h", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size")),
+        *linear("mlp.dense_4h_to_h", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size")),
+    ),
+    tail=(
+        WeightRule("transformer.ln_f.weight", "params.lm.final_ln.scale", Role.NORM, H),
+        WeightRule("transformer.ln_f.bias", "params.lm.final_ln.bias", Role.NORM, H),
+        WeightRule("lm_head.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING, ("vocab_size", "hidden_size"),
+                   tied="transformer.word_embeddings.weight"),
+    ),
+    lora=(),
+    required_lora=(),
+    ignored=(),
+    parameters=parameters,
+    layer_prefix="transformer.h.{i}.",
+    config_keys={"num_kv_heads": ("num_kv_heads", "num_key_value_heads")},
+    config_defaults=lambda config: {"ffn_hidden_size": 4 * (config.get("hidden_size") or 0)},
+)

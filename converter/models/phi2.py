@@ -1,0 +1,90 @@
+"""Phi-2: PHI_2, Hugging Face `PhiForCausalLM`.
+
+Parallel attention and MLP behind one LayerNorm (with bias), biases on every projection and on
+the untied `lm_head`, GELU (tanh) MLP, rotary on the first 40% of each head, base 10000.
+MediaPipe names the matrices `<m>.linear.w` and the biases `<m>.bias.b`.
+"""
+from __future__ import annotations
+
+from ..proto import llm_params_pb2
+from ..proto.transformer_params_pb2 import TransformerParameters as TP
+from .base import Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule
+from .checks import require, require_close
+
+H = ("hidden_size",)
+PARTIAL_ROTARY_FACTOR = 0.4  # what the runtime applies for PHI_2 (not in LlmParameters)
+LAYER_NORM_EPS = 1e-5
+START_TOKEN_ID = 50256  # <|endoftext|>, Phi-2's bos
+
+
+def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
+    """LlmParameters for a Phi-2 checkpoint, matching MediaPipe's for the real size."""
+    require(config, "hidden_act", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+    require_close(config, "partial_rotary_factor", PARTIAL_ROTARY_FACTOR, default=0.5)
+    require_close(config, "layer_norm_eps", LAYER_NORM_EPS)
+    require_close(config, "rope_theta", 10000.0)
+    require(config, "qk_layernorm", (False,), False)
+    require(config, "rope_scaling", (None,), None)
+    require(config, "rope_type", ("default",), "default")
+    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=START_TOKEN_ID,
+                                          stop_tokens=["<|endoftext|>"])
+    t = params.transformer_parameters
+    t.batch_size = 1
+    t.embedding_dim = dims.hidden_size
+    t.hidden_dimension = dims.intermediate_size
+    t.head_dimension = dims.head_dim
+    t.num_heads = dims.num_heads
+    t.num_stacks = dims.num_layers
+    t.num_kv_heads = 0 if dims.num_kv_heads == dims.num_heads else dims.num_kv_heads
+    t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(activation=TP.GELU, pre_norm=TP.NO_NORM,
+                                                                post_norm=TP.NO_NORM))
+    t.final_project_parameters.SetInParent()  # present and empty: the output projection has a bias
+    t.pre_norm, t.post_norm, t.final_norm = TP.LAYER_NORM, TP.NO_NORM, TP.LAYER_NORM
+    t.self_attention_parameters.CopyFrom(TP.SelfAttentionParameters(
+        attention_mask_type=TP.CAUSAL, attention_scale_type=TP.SCALE_TYPE_INV_SQRT_HEAD_DIM))
+    t.skip_absolute_positional_embeddings = True
+    t.load_per_layer_embedding_dynamically = True
+    t.load_ngrammer_embedding_dynamically = True
+    return params
+
+
+def linear(hf: str, mp: str, role: Role, shape: tuple[str, str]) -> tuple[WeightRule, WeightRule]:
+    """A projection with bias: `<hf>.weight` -> `<mp>.linear.w`, `<hf>.bias` -> `<mp>.bias.b`."""
+    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape),
+            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1]))
+
+
+FAMILY = ModelFamily(
+    name="phi",
+    hf_model_types=("phi",),
+    model_types=(ModelType("PHI_2", 11, Dims(32, 2560, 10240, 32, 32, 80, 51200)),),
+    head=(
+        WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
+                   ("vocab_size", "hidden_size"), lookup_order=True),
+    ),
+    layer=(
+        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
+        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H),
+        *linear("self_attn.q_proj", "self_attention.q", Role.ATTENTION, ("q_size", "hidden_size")),
+        *linear("self_attn.k_proj", "self_attention.k", Role.ATTENTION, ("kv_size", "hidden_size")),
+        *linear("self_attn.v_proj", "self_attention.v", Role.ATTENTION, ("kv_size", "hidden_size")),
+        *linear("self_attn.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size")),
+        *linear("mlp.fc1", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size")),
+        *linear("mlp.fc2", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size")),
+    ),
+    tail=(
+        WeightRule("model.final_layernorm.weight", "params.lm.final_ln.scale", Role.NORM, H),
+        WeightRule("model.final_layernorm.bias", "params.lm.final_ln.bias", Role.NORM, H),
+        *linear("lm_head", "params.lm.softmax.logits_ffn", Role.EMBEDDING, ("vocab_size", "hidden_size")),
+    ),
+    # The names MediaPipe's PhiMapper means to give LoRA tensors (0.10.21 leaves them unrenamed).
+    lora=(
+        LoraRule("self_attn.q_proj", "self_attention.q", "w_prime_left", "w_prime_right", "hidden_size", "q_size"),
+        LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
+        LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
+        LoraRule("self_attn.dense", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size"),
+    ),
+    required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+    ignored=(),
+    parameters=parameters,
+)
