@@ -14,7 +14,7 @@ from .checkpoint import TensorSource, open_checkpoint
 from .config import ConversionConfig
 from .errors import ConversionError
 from .files import read_json_object
-from .models import find_model_type
+from .models import find_model_type, lora_model_type_names
 from .tokenizer import load_tokenizer
 from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
 from .split import SplittingSource
@@ -128,19 +128,19 @@ def plan_base(family: ModelFamily, dims: Dims, source: TensorSource, quantizatio
     for layer in range(dims.num_layers):
         expected += [(rule, *_expand(rule, layer, family)) for rule in family.layer]
     expected += [(rule, *_expand(rule, None, family)) for rule in family.tail]
-    available = {_strip_prefix(name): name for name in source.names()}
+    available = {_strip_prefix(name, family): name for name in source.names()
+                 if not any(part in name for part in family.skipped)}
     unused = set(available)
 
     plan = []
     missing = []
     for rule, hf_name, mp_name in expected:
-        name = available.get(hf_name)
-        if name is None and rule.tied is not None:
-            name = available.get(rule.tied)
+        key = hf_name if hf_name in available or rule.tied is None else rule.tied
+        name = available.get(key)
         if name is None:
             missing.append(hf_name)
             continue
-        unused.discard(_strip_prefix(name))
+        unused.discard(key)
         info = source.info(name)
         want = dims.shape(rule.shape)
         if info.shape != want:
@@ -165,8 +165,13 @@ def _add_slice(source: TensorSource, name: str, rule: WeightRule, dims: Dims) ->
     return source.add_slice(name, rule.split.part, rule.split.parts, getattr(dims, rule.split.block))
 
 
-def _strip_prefix(name: str) -> str:
-    return name.removeprefix("base_model.model.")
+def _strip_prefix(name: str, family: ModelFamily) -> str:
+    """The checkpoint name as the family's rules spell it: without PEFT's and the family's prefixes
+    (e.g. Gemma 3's `language_model.` in `language_model.model.layers.0...` and `model.language_model.layers.0...`)."""
+    name = name.removeprefix("base_model.model.")
+    for prefix in family.name_prefixes:
+        name = name.replace(prefix, "", 1)
+    return name
 
 
 def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ...], dtype: str,
@@ -231,11 +236,10 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         base = plan_base(family, dims, source, config.quantization)
         plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
         if config.lora_ckpt is not None:
-            if not family.lora:
-                raise ConversionError(
-                    f"--lora-ckpt: model type {model_type.name}: the runtime takes no LoRA for it; "
-                    "merge the adapter into the base checkpoint first"
-                )
+            if not family.lora or not model_type.lora:
+                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "
+                                      f"weights only for {', '.join(lora_model_type_names())}; merge the adapter "
+                                      "into the base checkpoint first")
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb)
             plan.adapter = adapter
             if config.lora_rank < adapter.rank:

@@ -1,9 +1,14 @@
 """Reference CPU runtime: runs our GPU weight files (and LoRA files) the way the model defines.
 
 Weights are read back exactly as stored (int8/int4 dequantized with their scales, fp16 LoRA
-halves as fp16 values) and the forward pass is float32 torch. Tensor names and which LoRA half
-is A or B come from the converter's model family data, so the runtime reads what the converter
-wrote and nothing else. Gemma (1st generation) is the architecture implemented here.
+halves as fp16 values) and the forward pass is float32 torch. Nothing here is specific to a
+family: tensor names, the part each tensor plays (`WeightRule.slot`) and which LoRA half is A
+or B come from the converter's model family data; the family's `Architecture` gives what the
+runtime knows from the model type (norm offset and epsilon, embedding scale, GELU flavour,
+gated or plain MLP, parallel residual, rotary or ALiBi positions, partial rotary); the file's
+LlmParameters give the rest (norm kinds, activation, soft caps, attention scale, QK norm,
+sliding window, local/global layers, global rotary base and scaling). The runtime reads what
+the converter wrote and nothing else.
 """
 from __future__ import annotations
 
@@ -15,12 +20,12 @@ import torch.nn.functional as F
 
 from converter.errors import ConversionError
 from converter.models import FAMILIES
-from converter.models.base import Dims, ModelFamily
+from converter.models.base import Architecture, Dims, ModelFamily, WeightRule
 from converter.proto import llm_params_pb2
+from converter.proto.transformer_params_pb2 import TransformerParameters as TP
 from converter.tflite import WeightFile
 
-ROPE_THETA = 10000.0  # the GPU runtime's rotary base for Gemma
-RMS_EPS = 1e-6
+Weights = dict[str, torch.Tensor]
 
 
 def dims_from_parameters(params: llm_params_pb2.LlmParameters) -> Dims:
@@ -37,54 +42,139 @@ def family_of(weights: WeightFile) -> ModelFamily:
     raise ConversionError(f"{weights.path}: the reference runtime does not know model type {weights.subgraph_name}")
 
 
+def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> torch.Tensor:
+    """A matrix (quantized roles) or a raw float32 vector (norm scales, biases)."""
+    if rule.role.quantized:
+        return base.matrix(name, *rule.output_shape(dims))
+    return base.vector(name)
+
+
+def slot_of(rule: WeightRule) -> str:
+    if not rule.slot:
+        raise ConversionError(f"model family rule for {rule.hf} has no slot: the reference runtime cannot place it")
+    return rule.slot
+
+
 @dataclass
 class Layer:
-    weights: dict[str, torch.Tensor]  # HF-style short names: q, k, v, o, gate, up, down, norms
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
+    weights: Weights  # by slot: q, k, v, o, gate, up, down, norms, "<slot>.bias"
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slot -> (A, B)
 
-    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weights[name].T
-        if name in self.lora:
-            a, b = self.lora[name]
+    def linear(self, slot: str, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weights[slot].T
+        if f"{slot}.bias" in self.weights:
+            y = y + self.weights[f"{slot}.bias"]
+        if slot in self.lora:
+            a, b = self.lora[slot]
             y = y + (x @ a.T) @ b.T
         return y
 
 
-SHORT = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-         "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
-         "input_layernorm": "input_norm", "post_attention_layernorm": "post_norm"}
+def normalize(kind: int, x: torch.Tensor, weights: Weights, slot: str, arch: Architecture) -> torch.Tensor:
+    """Apply a TransformerParameters.Norm over the last axis with the slot's scale (and bias)."""
+    if kind in (TP.NO_NORM, TP.NORM_UNSPECIFIED):
+        return x
+    if kind == TP.LAYER_NORM:
+        return F.layer_norm(x, x.shape[-1:], weights[slot], weights.get(f"{slot}.bias"), arch.norm_eps)
+    normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + arch.norm_eps)
+    if kind == TP.RMS_NORM_NO_SCALE:
+        return normalized
+    if kind == TP.RMS_NORM:
+        return normalized * (arch.norm_offset + weights[slot])
+    raise ConversionError(f"the reference runtime does not implement norm type {TP.Norm.Name(kind)}")
+
+
+def activation(kind: int, arch: Architecture):
+    if kind == TP.GELU:
+        return lambda x: F.gelu(x, approximate=arch.gelu_approximate)
+    if kind == TP.SILU:
+        return F.silu
+    if kind == TP.RELU:
+        return F.relu
+    raise ConversionError(f"the reference runtime does not implement activation {TP.Activation.Name(kind)}")
+
+
+def attention_scale(dims: Dims, params: TP) -> float:
+    attention = params.self_attention_parameters
+    kind = attention.attention_scale_type if attention.HasField("attention_scale_type") else TP.SCALE_TYPE_INV_SQRT_HEAD_DIM
+    if kind == TP.SCALE_TYPE_INV_SQRT_HEAD_DIM:
+        return 1.0 / math.sqrt(dims.head_dim)
+    if kind == TP.SCALE_TYPE_INV_SQRT_D_MODEL_DIV_NUM_HEADS:
+        return 1.0 / math.sqrt(dims.hidden_size / dims.num_heads)
+    if kind == TP.SCALE_TYPE_RESCALE_FACTOR_INV_HEAD_DIM:
+        return params.query_rescale_factor / dims.head_dim
+    raise ConversionError(f"the reference runtime does not implement {TP.AttentionScaleType.Name(kind)}")
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """`cap * tanh(x / cap)`; a cap <= 0 is off."""
+    return cap * torch.tanh(x / cap) if cap > 0 else x
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The ALiBi head slopes (geometric from 2^(-8/n); interleaved extra heads when n is not a power of 2)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, closest + 1, dtype=torch.float32)
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra = extra_base ** torch.arange(1, 2 * (num_heads - closest), 2, dtype=torch.float32)
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What differs between layers: rotary base and scaling, and the attention window (0: all)."""
+
+    rope_theta: float
+    rope_scaling: float
+    window: int
 
 
 class ReferenceModel:
-    """A Gemma forward pass over a base weights file and an optional LoRA weights file."""
+    """The forward pass a family's data and the file's LlmParameters describe, over a base weights
+    file and an optional LoRA weights file."""
 
     def __init__(self, base: WeightFile, lora: WeightFile | None = None):
         self.family = family_of(base)
-        self.dims = dims_from_parameters(base.parameters)
+        self.arch = self.family.architecture
         self.parameters = base.parameters
-        d = self.dims
-        head = self.family.head[0]
-        self.embedding = base.matrix(head.mp, *d.shape(head.shape))
-        self.final_norm = base.vector(self.family.tail[0].mp)
+        self.t = self.parameters.transformer_parameters
+        self.dims = d = dims_from_parameters(self.parameters)
+        self.globals: Weights = {}
+        for rule in self.family.head + self.family.tail:
+            self.globals[slot_of(rule)] = read_rule(base, rule, rule.mp, d)
         self.layers = []
         for i in range(d.num_layers):
             prefix = self.family.mp_layer_prefix.format(i=i)
-            weights = {}
-            for rule in self.family.layer:
-                short = SHORT[rule.hf.removesuffix(".weight")]
-                shape = d.shape(rule.shape)
-                weights[short] = base.matrix(prefix + rule.mp, *shape) if len(shape) == 2 else base.vector(prefix + rule.mp)
-            self.layers.append(Layer(weights))
+            self.layers.append(Layer({slot_of(rule): read_rule(base, rule, prefix + rule.mp, d)
+                                      for rule in self.family.layer}))
+        self.kinds = [self._layer_kind(i) for i in range(d.num_layers)]
+        self.scale = attention_scale(d, self.t)
+        self.act = activation(self.t.feed_forward_parameters.activation, self.arch)
         if lora is not None:
             self._attach_lora(lora)
+
+    def _layer_kind(self, index: int) -> LayerKind:
+        """Gemma 3's pattern: `num_local_layers_per_global` sliding-window layers, then one global layer
+        with the global rotary base; without the pattern every layer is alike."""
+        window = self.t.self_attention_parameters.sliding_window_size
+        local = self.t.num_local_layers_per_global
+        if local and (index + 1) % (local + 1) == 0:
+            theta = self.t.global_rope_wavelength if self.t.HasField("global_rope_wavelength") else self.arch.rope_theta
+            scaling = self.t.global_rope_scaling if self.t.HasField("global_rope_scaling") else 1.0
+            return LayerKind(theta, scaling, 0)
+        return LayerKind(self.arch.rope_theta, 1.0, window)
 
     def _attach_lora(self, lora: WeightFile) -> None:
         rank = lora.lora_rank
         if rank is None:
             raise ConversionError(f"{lora.path} is not a LoRA weights file")
-        if lora.parameters.transformer_parameters != self.parameters.transformer_parameters:
+        if lora.parameters.transformer_parameters != self.t:
             raise ConversionError(f"{lora.path} was converted for another model")
         d = self.dims
+        slots = {rule.hf.removesuffix(".weight"): slot_of(rule) for rule in self.family.layer}
         for i, layer in enumerate(self.layers):
             prefix = self.family.mp_layer_prefix.format(i=i)
             for rule in self.family.lora:
@@ -94,44 +184,76 @@ class ReferenceModel:
                 in_features, out_features = getattr(d, rule.in_features), getattr(d, rule.out_features)
                 a = lora.matrix(a_name, rank, in_features)
                 b = lora.matrix(b_name, out_features, rank)
-                layer.lora[SHORT[rule.hf_module]] = (a, b)
+                layer.lora[slots[rule.hf_module]] = (a, b)
 
-    @staticmethod
-    def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * (1.0 + weight)
-
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        half = self.dims.head_dim // 2
-        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, half, dtype=torch.float32) * 2 / self.dims.head_dim))
-        angles = positions[:, None].float() * inv_freq[None, :]
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind) -> torch.Tensor:
+        """Rotate-half rotary embedding on the first `rotary_fraction` of each head."""
+        rotary = int(self.dims.head_dim * self.arch.rotary_fraction)
+        half = rotary // 2
+        inv_freq = 1.0 / (kind.rope_theta ** (torch.arange(0, half, dtype=torch.float32) * 2 / rotary))
+        angles = (positions[:, None].float() / kind.rope_scaling) * inv_freq[None, :]
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos[None] + rotated * sin[None]
+        head, rest = x[..., :rotary], x[..., rotary:]
+        rotated = torch.cat([-head[..., half:], head[..., :half]], -1)
+        return torch.cat([head * cos[None] + rotated * sin[None], rest], -1)
+
+    def _attention(self, layer: Layer, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind,
+                   cached: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
+        d, t = self.dims, self.t
+        q = layer.linear("q", x).view(-1, d.num_heads, d.head_dim).transpose(0, 1)
+        k = layer.linear("k", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
+        v = layer.linear("v", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
+        if t.self_attention_parameters.qk_norm:
+            q = normalize(TP.RMS_NORM, q, layer.weights, "q_norm", self.arch)
+            k = normalize(TP.RMS_NORM, k, layer.weights, "k_norm", self.arch)
+        if self.arch.position == "rope":
+            q, k = self._rope(q, positions, kind), self._rope(k, positions, kind)
+        if cached is not None:
+            k, v = torch.cat([cached[0], k], 1), torch.cat([cached[1], v], 1)
+        groups = d.num_heads // d.num_kv_heads
+        keys, values = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+        scores = q @ keys.transpose(1, 2)
+        key_positions = torch.arange(keys.shape[1])
+        if self.arch.position == "alibi":
+            scores = scores + alibi_slopes(d.num_heads)[:, None, None] * key_positions[None, None, :]
+        scores = soft_cap(scores * self.scale, t.self_attention_parameters.soft_cap_value)
+        distance = positions[:, None] - key_positions[None, :]
+        allowed = (distance >= 0) & ((distance < kind.window) if kind.window else True)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        attention = (scores.softmax(-1) @ values).transpose(0, 1).reshape(len(positions), -1)
+        return layer.linear("o", attention), (k, v)
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(layer.linear("gate", x)) * layer.linear("up", x) if self.arch.gated_mlp \
+            else self.act(layer.linear("up", x))
+        return layer.linear("down", hidden)
 
     def forward(self, ids: list[int], cache: list | None = None) -> tuple[torch.Tensor, list]:
         """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`."""
-        d = self.dims
+        d, t, arch = self.dims, self.t, self.arch
+        ff = t.feed_forward_parameters
         cache = cache if cache is not None else [None] * d.num_layers
         start = 0 if cache[0] is None else cache[0][0].shape[1]
         positions = torch.arange(start, start + len(ids))
-        h = self.embedding[torch.tensor(ids)] * math.sqrt(d.hidden_size)
-        groups = d.num_heads // d.num_kv_heads
+        h = self.globals["embedding"][torch.tensor(ids)]
+        if arch.scale_embedding:
+            h = h * math.sqrt(d.hidden_size)
         for index, layer in enumerate(self.layers):
-            x = self._rms_norm(h, layer.weights["input_norm"])
-            q = layer.linear("q", x).view(-1, d.num_heads, d.head_dim).transpose(0, 1)
-            k = layer.linear("k", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
-            v = layer.linear("v", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
-            q, k = self._rope(q, positions), self._rope(k, positions)
-            if cache[index] is not None:
-                k, v = torch.cat([cache[index][0], k], 1), torch.cat([cache[index][1], v], 1)
-            cache[index] = (k, v)
-            k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-            scores = q @ k.transpose(1, 2) / math.sqrt(d.head_dim)
-            mask = torch.ones(len(ids), k.shape[1], dtype=torch.bool).tril(k.shape[1] - len(ids))
-            scores = scores.masked_fill(~mask, float("-inf"))
-            attention = (scores.softmax(-1) @ v).transpose(0, 1).reshape(len(ids), -1)
-            h = h + layer.linear("o", attention)
-            x = self._rms_norm(h, layer.weights["post_norm"])
-            h = h + layer.linear("down", F.gelu(layer.linear("gate", x), approximate="tanh") * layer.linear("up", x))
-        h = self._rms_norm(h, self.final_norm)
-        return h @ self.embedding.T, cache
+            x = normalize(t.pre_norm, h, layer.weights, "attn_norm", arch)
+            attention, cache[index] = self._attention(layer, x, positions, self.kinds[index], cache[index])
+            attention = normalize(t.post_norm, attention, layer.weights, "attn_post_norm", arch)
+            if arch.parallel_residual:
+                mlp_input = x if ff.pre_norm in (TP.NO_NORM, TP.NORM_UNSPECIFIED) \
+                    else normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch)
+                h = h + attention + normalize(ff.post_norm, self._mlp(layer, mlp_input), layer.weights,
+                                              "mlp_post_norm", arch)
+            else:
+                h = h + attention
+                mlp = self._mlp(layer, normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch))
+                h = h + normalize(ff.post_norm, mlp, layer.weights, "mlp_post_norm", arch)
+        h = normalize(t.final_norm, h, self.globals, "final_norm", arch)
+        output = self.globals.get("lm_head", self.globals["embedding"])
+        logits = h @ output.T
+        if "lm_head.bias" in self.globals:
+            logits = logits + self.globals["lm_head.bias"]
+        return soft_cap(logits, t.final_project_parameters.soft_cap_value), cache

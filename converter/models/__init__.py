@@ -12,6 +12,10 @@ def model_type_names() -> list[str]:
     return [t.name for family in FAMILIES for t in family.model_types]
 
 
+def lora_model_type_names() -> list[str]:
+    return [t.name for family in FAMILIES if family.lora for t in family.model_types if t.lora]
+
+
 def find_model_type(name: str) -> tuple[ModelFamily, ModelType]:
     """The family and model type for a MediaPipe model type name such as GEMMA_2B."""
     for family in FAMILIES:

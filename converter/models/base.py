@@ -75,9 +75,10 @@ class WeightRule:
 
     Names may contain `{i}` for the layer index. `lookup_order` marks the embedding that the
     runtime looks up first: its tensors are stored as `w, w.sum_i, w_quantized_scale`
-    instead of `w_quantized_scale, w, w.sum_i`. `shape` is the checkpoint tensor's shape; with
-    `split` the output is its `split.part` slice. `tied` names the tensor to read when `hf` is
-    absent (a tied output projection reads the embedding).
+    instead of `w_quantized_scale, w, w.sum_i`. `slot` is the part the tensor plays in the
+    forward pass (see `SLOTS`), which is how the reference runtime finds it. `shape` is the
+    checkpoint tensor's shape; with `split` the output is its `split.part` slice. `tied` names
+    the tensor to read when `hf` is absent (a tied output projection reads the embedding).
     """
 
     hf: str
@@ -85,8 +86,49 @@ class WeightRule:
     role: Role
     shape: tuple[str, ...]
     lookup_order: bool = False
+    slot: str = ""
     split: Split | None = None
     tied: str | None = None
+
+    def output_shape(self, dims: Dims) -> tuple[int, ...]:
+        """The shape of the tensor written: the checkpoint's, or its slice's with `split`."""
+        shape = dims.shape(self.shape)
+        return shape if self.split is None else (shape[0] // self.split.parts, *shape[1:])
+
+
+# The parts a tensor can play in the forward pass (`WeightRule.slot`); a bias adds ".bias"
+# to its weight's slot (e.g. "q.bias", "attn_norm.bias").
+MODEL_SLOTS = ("embedding", "lm_head", "final_norm")
+LAYER_SLOTS = (
+    "attn_norm",       # normalizes the attention input (TransformerParameters.pre_norm)
+    "q", "k", "v", "o",
+    "q_norm", "k_norm",  # per-head norms of queries and keys (SelfAttentionParameters.qk_norm)
+    "attn_post_norm",  # normalizes the attention output before the residual add (post_norm)
+    "mlp_norm",        # normalizes the MLP input (FeedForwardParameters.pre_norm)
+    "gate", "up", "down",  # MLP: down(act(gate(x)) * up(x)), or down(act(up(x))) when not gated
+    "mlp_post_norm",   # normalizes the MLP output before the residual add (FeedForwardParameters.post_norm)
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The forward-pass facts of a family that LlmParameters does not carry.
+
+    MediaPipe's runtime knows these from the model type; LlmParameters carries the per-model
+    choices (norm kinds, activation, soft caps, attention scale, QK norm, sliding window,
+    local/global layer pattern, global rotary base and scaling), and the tensors present decide
+    biases and tied embeddings (no `lm_head` slot: the embedding is the output projection).
+    """
+
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # RMSNorm scale is (norm_offset + w): Gemma stores w and applies 1 + w
+    scale_embedding: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    gelu_approximate: str = "tanh"  # the GELU flavour: "tanh" (gelu_pytorch_tanh, gelu_new) or "none" (erf)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x)))
+    parallel_residual: bool = False  # h + attention(x) + mlp(x) from one normalized x (Phi-2)
+    position: str = "rope"  # "rope" (rotate-half rotary embedding) or "alibi" (linear biases, no rotary)
+    rope_theta: float = 10000.0  # rotary base; of the local layers where LlmParameters sets a global one
+    rotary_fraction: float = 1.0  # share of head_dim that is rotated (partial rotary: Phi-2 0.4, StableLM 0.25)
 
 
 @dataclass(frozen=True)
@@ -108,11 +150,13 @@ class LoraRule:
 
 @dataclass(frozen=True)
 class ModelType:
-    """A MediaPipe model type: enum value and the real hyperparameters of its checkpoints."""
+    """A MediaPipe model type: enum value, the real hyperparameters of its checkpoints and
+    whether MediaPipe's runtime takes LoRA weights for it."""
 
     name: str
     enum_value: int
     reference: Dims
+    lora: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,7 +178,11 @@ class ModelFamily:
     layer_prefix: str = "model.layers.{i}."
     mp_layer_prefix: str = "params.lm.transformer.x_layers_{i}."
     config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    config_defaults: Callable[[dict], dict] | None = None  # config.json values derived when absent
+    architecture: Architecture = Architecture()
+    name_prefixes: tuple[str, ...] = ()  # checkpoint name prefixes to drop (a multimodal model's text part)
+    skipped: tuple[str, ...] = ()  # checkpoint names containing one of these are not part of the text model
+    untokenized_rows: int = 0  # embedding rows no tokenizer piece names (Gemma 3's 64 image-token rows)
+    text_config: Callable[[dict], dict] = dict  # the text model's settings out of config.json (nested, defaults)
 
     def model_type(self, name: str) -> ModelType:
         return next(t for t in self.model_types if t.name == name)
@@ -158,9 +206,8 @@ DEFAULT_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
     """Read Dims from a config.json dict; kv heads default to heads, head_dim to hidden/heads."""
     keys = {**DEFAULT_CONFIG_KEYS, **family.config_keys}
+    config = family.text_config(config)
     values: dict[str, int] = {}
-    if family.config_defaults is not None:
-        config = {**family.config_defaults(config), **{k: v for k, v in config.items() if v is not None}}
     for name, candidates in keys.items():
         found = next((config[k] for k in candidates if config.get(k) is not None), None)
         if found is not None:

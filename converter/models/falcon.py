@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Dims, ModelFamily, ModelType, Role, Split, WeightRule
+from .base import Architecture, Dims, ModelFamily, ModelType, Role, Split, WeightRule
 from .checks import require, require_close
 
 H = ("hidden_size",)
 QKV = ("qkv_size", "hidden_size")
 LAYER_NORM_EPS = 1e-5
 START_TOKEN_ID = 1
+ARCHITECTURE = Architecture(norm_eps=LAYER_NORM_EPS, gelu_approximate="none", gated_mlp=False, position="alibi")
 
 
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
@@ -50,16 +51,23 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return params
 
 
-def linear(hf: str, mp: str, role: Role, shape: tuple[str, str], split: Split | None = None,
-           source_shape: tuple[str, str] | None = None) -> tuple[WeightRule, WeightRule]:
+def linear(hf: str, mp: str, role: Role, shape: tuple[str, str], slot: str,
+           split: Split | None = None) -> tuple[WeightRule, WeightRule]:
     """A projection with bias: `<hf>.weight` -> `<mp>.linear.w`, `<hf>.bias` -> `<mp>.bias.b`."""
-    shape = source_shape or shape
-    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape, split=split),
-            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1], split=split))
+    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape, slot=slot, split=split),
+            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1], slot=f"{slot}.bias", split=split))
+
+
+def layer_norm(hf: str, mp: str, slot: str) -> tuple[WeightRule, WeightRule]:
+    """A LayerNorm: `<hf>.weight` -> `<mp>.scale`, `<hf>.bias` -> `<mp>.bias`."""
+    return (WeightRule(f"{hf}.weight", f"{mp}.scale", Role.NORM, H, slot=slot),
+            WeightRule(f"{hf}.bias", f"{mp}.bias", Role.NORM, H, slot=f"{slot}.bias"))
 
 
 def fused_qkv(part: int, name: str) -> tuple[WeightRule, WeightRule]:
-    return linear("self_attention.query_key_value", f"self_attention.{name}", Role.ATTENTION, QKV, Split(part, 3))
+    """q, k or v: part `part` of the per-head interleaved `query_key_value` rows."""
+    return linear("self_attention.query_key_value", f"self_attention.{name}", Role.ATTENTION, QKV, name,
+                  Split(part, 3))
 
 
 FAMILY = ModelFamily(
@@ -68,31 +76,32 @@ FAMILY = ModelFamily(
     model_types=(ModelType("FALCON_RW_1B", 5, Dims(24, 2048, 8192, 32, 32, 64, 50304)),),
     head=(
         WeightRule("transformer.word_embeddings.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
-                   ("vocab_size", "hidden_size"), lookup_order=True),
+                   ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),
     ),
     layer=(
-        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
-        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H),
+        *layer_norm("input_layernorm", "pre_layer_norm", "attn_norm"),
         *fused_qkv(0, "q"),
         *fused_qkv(1, "k"),
         *fused_qkv(2, "v"),
-        *linear("self_attention.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size")),
-        WeightRule("post_attention_layernorm.weight", "post_layer_norm.scale", Role.NORM, H),
-        WeightRule("post_attention_layernorm.bias", "post_layer_norm.bias", Role.NORM, H),
-        *linear("mlp.dense_h_to_4h", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size")),
-        *linear("mlp.dense_4h_to_h", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size")),
+        *linear("self_attention.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size"), "o"),
+        *layer_norm("post_attention_layernorm", "post_layer_norm", "mlp_norm"),  # the MLP's pre-norm
+        *linear("mlp.dense_h_to_4h", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size"),
+                "up"),
+        *linear("mlp.dense_4h_to_h", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size"),
+                "down"),
     ),
     tail=(
-        WeightRule("transformer.ln_f.weight", "params.lm.final_ln.scale", Role.NORM, H),
-        WeightRule("transformer.ln_f.bias", "params.lm.final_ln.bias", Role.NORM, H),
+        *layer_norm("transformer.ln_f", "params.lm.final_ln", "final_norm"),
         WeightRule("lm_head.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING, ("vocab_size", "hidden_size"),
-                   tied="transformer.word_embeddings.weight"),
+                   tied="transformer.word_embeddings.weight", slot="lm_head"),
     ),
     lora=(),
     required_lora=(),
     ignored=(),
     parameters=parameters,
+    architecture=ARCHITECTURE,
     layer_prefix="transformer.h.{i}.",
     config_keys={"num_kv_heads": ("num_kv_heads", "num_key_value_heads")},
-    config_defaults=lambda config: {"ffn_hidden_size": 4 * (config.get("hidden_size") or 0)},
+    text_config=lambda config: {**config, "ffn_hidden_size": config.get("ffn_hidden_size")
+                                or 4 * (config.get("hidden_size") or 0)},
 )

@@ -1,29 +1,97 @@
 """Gemma (1st generation): GEMMA_2B and GEMMA_7B, Hugging Face `GemmaForCausalLM`.
 
 Tied embeddings (one `logits_ffn.w` serves lookup and output), RMSNorm stored as in the
-checkpoint (the runtime adds Gemma's `1 + w`), GELU-gated MLP, no biases, rotary base 10000.
+checkpoint (the runtime adds Gemma's `1 + w`), embeddings scaled by sqrt(hidden), GELU-gated
+MLP, no biases, rotary base 10000. The rules and parameter helpers here are shared by the
+later Gemma generations (gemma2.py, gemma3.py).
 """
 from __future__ import annotations
 
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, kv_heads_field, rope_theta
+from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, kv_heads_field,
+                   rope_theta)
 
 H = ("hidden_size",)
 GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+ARCHITECTURE = Architecture(norm_eps=1e-6, norm_offset=1.0, scale_embedding=True, gelu_approximate="tanh")
+
+EMBEDDING = WeightRule("model.embed_tokens.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING,
+                       ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding")
+FINAL_NORM = WeightRule("model.norm.weight", "params.lm.final_ln.scale", Role.NORM, H, slot="final_norm")
 
 
-def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
-    """LlmParameters for a Gemma checkpoint, matching MediaPipe's for the real sizes."""
+def norm(hf: str, mp: str, slot: str, shape: tuple[str, ...] = H) -> WeightRule:
+    return WeightRule(f"{hf}.weight", mp, Role.NORM, shape, slot=slot)
+
+
+def linear(hf: str, mp: str, role: Role, shape: tuple[str, str], slot: str) -> WeightRule:
+    return WeightRule(f"{hf}.weight", f"{mp}.w", role, shape, slot=slot)
+
+
+Q = linear("self_attn.q_proj", "self_attention.q", Role.ATTENTION, ("q_size", "hidden_size"), "q")
+K = linear("self_attn.k_proj", "self_attention.k", Role.ATTENTION, ("kv_size", "hidden_size"), "k")
+V = linear("self_attn.v_proj", "self_attention.v", Role.ATTENTION, ("kv_size", "hidden_size"), "v")
+O = linear("self_attn.o_proj", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size"), "o")
+MLP = (
+    linear("mlp.gate_proj", "ff_layer.ffn_layer1_gate", Role.FEEDFORWARD, ("intermediate_size", "hidden_size"), "gate"),
+    linear("mlp.up_proj", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size"), "up"),
+    linear("mlp.down_proj", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size"), "down"),
+)
+INPUT_NORM = norm("input_layernorm", "pre_layer_norm.scale", "attn_norm")
+
+LORA = (
+    LoraRule("self_attn.q_proj", "self_attention.q", "w_prime_left", "w_prime_right", "hidden_size", "q_size"),
+    LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
+    LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
+    LoraRule("self_attn.o_proj", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size",
+             transposed_in_mediapipe=True),
+    LoraRule("mlp.gate_proj", "ff_layer.ffn_layer1_gate", "w_prime_left", "w_prime_right", "hidden_size",
+             "intermediate_size"),
+    LoraRule("mlp.up_proj", "ff_layer.ffn_layer1", "w_prime_left", "w_prime_right", "hidden_size",
+             "intermediate_size"),
+    LoraRule("mlp.down_proj", "ff_layer.ffn_layer2", "w_prime_left", "w_prime_right", "intermediate_size",
+             "hidden_size"),
+)
+REQUIRED_LORA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def check_common(config: dict, theta: float | None = 10000.0) -> None:
+    """Refuse settings the runtime cannot follow: another activation, norm epsilon or rotary base."""
     activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
     if activation not in GELU_NAMES:
         raise ConversionError(f"config.json: hidden_activation {activation!r} is not supported (expected a GELU)")
-    if not is_close(rope_theta(config), 10000.0):
-        raise ConversionError(f"config.json: rope_theta {rope_theta(config)} is not supported (runtime uses 10000)")
-    if config.get("rope_scaling"):
-        raise ConversionError("config.json: rope_scaling is not supported by the runtime")
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=2, stop_tokens=["<eos>"])
+    eps = config.get("rms_norm_eps", ARCHITECTURE.norm_eps)
+    if not is_close(float(eps), ARCHITECTURE.norm_eps):
+        raise ConversionError(f"config.json: rms_norm_eps {eps} is not supported (runtime uses {ARCHITECTURE.norm_eps})")
+    if theta is not None:
+        if not is_close(rope_theta(config), theta):
+            raise ConversionError(f"config.json: rope_theta {rope_theta(config)} is not supported (runtime uses {theta:g})")
+        if config.get("rope_scaling"):
+            raise ConversionError("config.json: rope_scaling is not supported by the runtime")
+
+
+def attention_scale_type(dims: Dims, config: dict) -> int:
+    """Gemma 2/3 scale queries by 1/sqrt(query_pre_attn_scalar): head_dim or hidden/heads."""
+    scalar = config.get("query_pre_attn_scalar", dims.head_dim)
+    if scalar == dims.head_dim:
+        return TP.SCALE_TYPE_INV_SQRT_HEAD_DIM
+    if scalar * dims.num_heads == dims.hidden_size:
+        return TP.SCALE_TYPE_INV_SQRT_D_MODEL_DIV_NUM_HEADS
+    raise ConversionError(
+        f"config.json: query_pre_attn_scalar {scalar} is not supported: the runtime scales queries by "
+        f"1/sqrt(head_dim={dims.head_dim}) or 1/sqrt(hidden_size/num_attention_heads="
+        f"{dims.hidden_size / dims.num_heads:g})"
+    )
+
+
+def base_parameters(dims: Dims, *, post_norms: bool = False, attention_cap: float = 0.0, final_cap: float = 0.0,
+                    scale_type: int = TP.SCALE_TYPE_INV_SQRT_HEAD_DIM,
+                    stop_tokens: tuple[str, ...] = ("<eos>",)) -> llm_params_pb2.LlmParameters:
+    """The LlmParameters every Gemma generation shares; `post_norms` adds Gemma 2's output norms."""
+    post = TP.RMS_NORM if post_norms else TP.NO_NORM
+    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=2, stop_tokens=list(stop_tokens))
     t = params.transformer_parameters
     t.batch_size = 1
     t.embedding_dim = dims.hidden_size
@@ -33,14 +101,14 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     t.num_stacks = dims.num_layers
     t.num_kv_heads = kv_heads_field(dims)
     t.feed_forward_parameters.CopyFrom(
-        TP.FeedForwardParameters(no_bias=True, activation=TP.GELU, pre_norm=TP.RMS_NORM, post_norm=TP.NO_NORM)
+        TP.FeedForwardParameters(no_bias=True, activation=TP.GELU, pre_norm=TP.RMS_NORM, post_norm=post)
     )
-    t.final_project_parameters.no_bias = True
-    t.pre_norm, t.post_norm, t.final_norm = TP.RMS_NORM, TP.NO_NORM, TP.RMS_NORM
+    t.final_project_parameters.CopyFrom(TP.FinalProjectParameters(no_bias=True, soft_cap_value=final_cap))
+    t.pre_norm, t.post_norm, t.final_norm = TP.RMS_NORM, post, TP.RMS_NORM
     t.self_attention_parameters.CopyFrom(
         TP.SelfAttentionParameters(
-            qkv_no_bias=True, post_proj_no_bias=True, attention_mask_type=TP.CAUSAL,
-            attention_scale_type=TP.SCALE_TYPE_INV_SQRT_HEAD_DIM,
+            qkv_no_bias=True, post_proj_no_bias=True, attention_mask_type=TP.CAUSAL, soft_cap_value=attention_cap,
+            attention_scale_type=scale_type,
         )
     )
     t.skip_absolute_positional_embeddings = True
@@ -49,46 +117,26 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return params
 
 
+def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
+    """LlmParameters for a Gemma checkpoint, matching MediaPipe's for the real sizes."""
+    check_common(config)
+    return base_parameters(dims)
+
+
 FAMILY = ModelFamily(
     name="gemma",
     hf_model_types=("gemma",),
     model_types=(
         ModelType("GEMMA_2B", 6, Dims(18, 2048, 16384, 8, 1, 256, 256000)),
-        ModelType("GEMMA_7B", 12, Dims(28, 3072, 24576, 16, 16, 256, 256000)),
+        # MediaPipe 0.10.21 refuses LoRA for GEMMA_7B (its LoRA model list is GEMMA_2B, GEMMA2_2B, PHI_2).
+        ModelType("GEMMA_7B", 12, Dims(28, 3072, 24576, 16, 16, 256, 256000), lora=False),
     ),
-    head=(
-        WeightRule("model.embed_tokens.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING,
-                   ("vocab_size", "hidden_size"), lookup_order=True),
-    ),
-    layer=(
-        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
-        WeightRule("self_attn.q_proj.weight", "self_attention.q.w", Role.ATTENTION, ("q_size", "hidden_size")),
-        WeightRule("self_attn.k_proj.weight", "self_attention.k.w", Role.ATTENTION, ("kv_size", "hidden_size")),
-        WeightRule("self_attn.v_proj.weight", "self_attention.v.w", Role.ATTENTION, ("kv_size", "hidden_size")),
-        WeightRule("self_attn.o_proj.weight", "self_attention.post.w", Role.ATTENTION, ("hidden_size", "q_size")),
-        WeightRule("post_attention_layernorm.weight", "ff_layer.pre_layer_norm.scale", Role.NORM, H),
-        WeightRule("mlp.gate_proj.weight", "ff_layer.ffn_layer1_gate.w", Role.FEEDFORWARD,
-                   ("intermediate_size", "hidden_size")),
-        WeightRule("mlp.up_proj.weight", "ff_layer.ffn_layer1.w", Role.FEEDFORWARD,
-                   ("intermediate_size", "hidden_size")),
-        WeightRule("mlp.down_proj.weight", "ff_layer.ffn_layer2.w", Role.FEEDFORWARD,
-                   ("hidden_size", "intermediate_size")),
-    ),
-    tail=(WeightRule("model.norm.weight", "params.lm.final_ln.scale", Role.NORM, H),),
-    lora=(
-        LoraRule("self_attn.q_proj", "self_attention.q", "w_prime_left", "w_prime_right", "hidden_size", "q_size"),
-        LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
-        LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
-        LoraRule("self_attn.o_proj", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size",
-                 transposed_in_mediapipe=True),
-        LoraRule("mlp.gate_proj", "ff_layer.ffn_layer1_gate", "w_prime_left", "w_prime_right", "hidden_size",
-                 "intermediate_size"),
-        LoraRule("mlp.up_proj", "ff_layer.ffn_layer1", "w_prime_left", "w_prime_right", "hidden_size",
-                 "intermediate_size"),
-        LoraRule("mlp.down_proj", "ff_layer.ffn_layer2", "w_prime_left", "w_prime_right", "intermediate_size",
-                 "hidden_size"),
-    ),
-    required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    head=(EMBEDDING,),
+    layer=(INPUT_NORM, Q, K, V, O, norm("post_attention_layernorm", "ff_layer.pre_layer_norm.scale", "mlp_norm"), *MLP),
+    tail=(FINAL_NORM,),
+    lora=LORA,
+    required_lora=REQUIRED_LORA,
     ignored=("lm_head.weight",),
     parameters=parameters,
+    architecture=ARCHITECTURE,
 )

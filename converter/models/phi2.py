@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule
+from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule
 from .checks import require, require_close
 
 H = ("hidden_size",)
 PARTIAL_ROTARY_FACTOR = 0.4  # what the runtime applies for PHI_2 (not in LlmParameters)
 LAYER_NORM_EPS = 1e-5
 START_TOKEN_ID = 50256  # <|endoftext|>, Phi-2's bos
+ARCHITECTURE = Architecture(norm_eps=LAYER_NORM_EPS, gelu_approximate="tanh", gated_mlp=False, parallel_residual=True,
+                            rotary_fraction=PARTIAL_ROTARY_FACTOR)
 
 
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
@@ -48,10 +50,16 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return params
 
 
-def linear(hf: str, mp: str, role: Role, shape: tuple[str, str]) -> tuple[WeightRule, WeightRule]:
+def linear(hf: str, mp: str, role: Role, shape: tuple[str, str], slot: str) -> tuple[WeightRule, WeightRule]:
     """A projection with bias: `<hf>.weight` -> `<mp>.linear.w`, `<hf>.bias` -> `<mp>.bias.b`."""
-    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape),
-            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1]))
+    return (WeightRule(f"{hf}.weight", f"{mp}.linear.w", role, shape, slot=slot),
+            WeightRule(f"{hf}.bias", f"{mp}.bias.b", Role.BIAS, shape[:1], slot=f"{slot}.bias"))
+
+
+def layer_norm(hf: str, mp: str, slot: str) -> tuple[WeightRule, WeightRule]:
+    """A LayerNorm: `<hf>.weight` -> `<mp>.scale`, `<hf>.bias` -> `<mp>.bias`."""
+    return (WeightRule(f"{hf}.weight", f"{mp}.scale", Role.NORM, H, slot=slot),
+            WeightRule(f"{hf}.bias", f"{mp}.bias", Role.NORM, H, slot=f"{slot}.bias"))
 
 
 FAMILY = ModelFamily(
@@ -60,22 +68,20 @@ FAMILY = ModelFamily(
     model_types=(ModelType("PHI_2", 11, Dims(32, 2560, 10240, 32, 32, 80, 51200)),),
     head=(
         WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
-                   ("vocab_size", "hidden_size"), lookup_order=True),
+                   ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),
     ),
     layer=(
-        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
-        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H),
-        *linear("self_attn.q_proj", "self_attention.q", Role.ATTENTION, ("q_size", "hidden_size")),
-        *linear("self_attn.k_proj", "self_attention.k", Role.ATTENTION, ("kv_size", "hidden_size")),
-        *linear("self_attn.v_proj", "self_attention.v", Role.ATTENTION, ("kv_size", "hidden_size")),
-        *linear("self_attn.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size")),
-        *linear("mlp.fc1", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size")),
-        *linear("mlp.fc2", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size")),
+        *layer_norm("input_layernorm", "pre_layer_norm", "attn_norm"),
+        *linear("self_attn.q_proj", "self_attention.q", Role.ATTENTION, ("q_size", "hidden_size"), "q"),
+        *linear("self_attn.k_proj", "self_attention.k", Role.ATTENTION, ("kv_size", "hidden_size"), "k"),
+        *linear("self_attn.v_proj", "self_attention.v", Role.ATTENTION, ("kv_size", "hidden_size"), "v"),
+        *linear("self_attn.dense", "self_attention.post", Role.ATTENTION, ("hidden_size", "q_size"), "o"),
+        *linear("mlp.fc1", "ff_layer.ffn_layer1", Role.FEEDFORWARD, ("intermediate_size", "hidden_size"), "up"),
+        *linear("mlp.fc2", "ff_layer.ffn_layer2", Role.FEEDFORWARD, ("hidden_size", "intermediate_size"), "down"),
     ),
     tail=(
-        WeightRule("model.final_layernorm.weight", "params.lm.final_ln.scale", Role.NORM, H),
-        WeightRule("model.final_layernorm.bias", "params.lm.final_ln.bias", Role.NORM, H),
-        *linear("lm_head", "params.lm.softmax.logits_ffn", Role.EMBEDDING, ("vocab_size", "hidden_size")),
+        *layer_norm("model.final_layernorm", "params.lm.final_ln", "final_norm"),
+        *linear("lm_head", "params.lm.softmax.logits_ffn", Role.EMBEDDING, ("vocab_size", "hidden_size"), "lm_head"),
     ),
     # The names MediaPipe's PhiMapper means to give LoRA tensors (0.10.21 leaves them unrenamed).
     lora=(
@@ -87,4 +93,5 @@ FAMILY = ModelFamily(
     required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
     ignored=(),
     parameters=parameters,
+    architecture=ARCHITECTURE,
 )

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Dims, ModelFamily, ModelType, Role, WeightRule
+from .base import Architecture, Dims, ModelFamily, ModelType, Role, WeightRule
 from .checks import require, require_close
 
 H = ("hidden_size",)
 PARTIAL_ROTARY_FACTOR = 0.25  # what the runtime applies for STABLELM_4E1T_3B (not in LlmParameters)
 LAYER_NORM_EPS = 1e-5
 START_TOKEN_ID = 0
+ARCHITECTURE = Architecture(norm_eps=LAYER_NORM_EPS, rotary_fraction=PARTIAL_ROTARY_FACTOR)
 
 
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
@@ -56,31 +57,39 @@ FAMILY = ModelFamily(
     model_types=(ModelType("STABLELM_4E1T_3B", 8, Dims(32, 2560, 6912, 32, 32, 80, 50304)),),
     head=(
         WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
-                   ("vocab_size", "hidden_size"), lookup_order=True),
+                   ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),
     ),
     layer=(
-        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H),
-        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H),
-        WeightRule("self_attn.q_proj.weight", "self_attention.q.w", Role.ATTENTION, ("q_size", "hidden_size")),
-        WeightRule("self_attn.k_proj.weight", "self_attention.k.w", Role.ATTENTION, ("kv_size", "hidden_size")),
-        WeightRule("self_attn.v_proj.weight", "self_attention.v.w", Role.ATTENTION, ("kv_size", "hidden_size")),
-        WeightRule("self_attn.o_proj.weight", "self_attention.post.w", Role.ATTENTION, ("hidden_size", "q_size")),
-        WeightRule("post_attention_layernorm.weight", "post_layer_norm.scale", Role.NORM, H),
-        WeightRule("post_attention_layernorm.bias", "post_layer_norm.bias", Role.NORM, H),
+        WeightRule("input_layernorm.weight", "pre_layer_norm.scale", Role.NORM, H, slot="attn_norm"),
+        WeightRule("input_layernorm.bias", "pre_layer_norm.bias", Role.NORM, H, slot="attn_norm.bias"),
+        WeightRule("self_attn.q_proj.weight", "self_attention.q.w", Role.ATTENTION, ("q_size", "hidden_size"),
+                   slot="q"),
+        WeightRule("self_attn.k_proj.weight", "self_attention.k.w", Role.ATTENTION, ("kv_size", "hidden_size"),
+                   slot="k"),
+        WeightRule("self_attn.v_proj.weight", "self_attention.v.w", Role.ATTENTION, ("kv_size", "hidden_size"),
+                   slot="v"),
+        WeightRule("self_attn.o_proj.weight", "self_attention.post.w", Role.ATTENTION, ("hidden_size", "q_size"),
+                   slot="o"),
+        WeightRule("post_attention_layernorm.weight", "post_layer_norm.scale", Role.NORM, H,
+                   slot="mlp_norm"),  # the MLP's pre-norm
+        WeightRule("post_attention_layernorm.bias", "post_layer_norm.bias", Role.NORM, H,
+                   slot="mlp_norm.bias"),
         WeightRule("mlp.gate_proj.weight", "ff_layer.ffn_layer1_gate.w", Role.FEEDFORWARD,
-                   ("intermediate_size", "hidden_size")),
+                   ("intermediate_size", "hidden_size"), slot="gate"),
         WeightRule("mlp.up_proj.weight", "ff_layer.ffn_layer1.w", Role.FEEDFORWARD,
-                   ("intermediate_size", "hidden_size")),
+                   ("intermediate_size", "hidden_size"), slot="up"),
         WeightRule("mlp.down_proj.weight", "ff_layer.ffn_layer2.w", Role.FEEDFORWARD,
-                   ("hidden_size", "intermediate_size")),
+                   ("hidden_size", "intermediate_size"), slot="down"),
     ),
     tail=(
-        WeightRule("model.norm.weight", "params.lm.final_ln.scale", Role.NORM, H),
-        WeightRule("model.norm.bias", "params.lm.final_ln.bias", Role.NORM, H),
-        WeightRule("lm_head.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING, ("vocab_size", "hidden_size")),
+        WeightRule("model.norm.weight", "params.lm.final_ln.scale", Role.NORM, H, slot="final_norm"),
+        WeightRule("model.norm.bias", "params.lm.final_ln.bias", Role.NORM, H, slot="final_norm.bias"),
+        WeightRule("lm_head.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING, ("vocab_size", "hidden_size"),
+                   slot="lm_head"),
     ),
     lora=(),
     required_lora=(),
     ignored=(),
     parameters=parameters,
+    architecture=ARCHITECTURE,
 )
