@@ -117,7 +117,9 @@ def lora_half(plan: ConversionPlan, item: PlannedTensor) -> torch.Tensor:
 
 def write_lora(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter, progress: Progress) -> None:
     spec = item.outputs[0]
-    writer.write(spec.name, quantize.tile_float(lora_half(plan, item), torch.float16).numpy())
+    rows, cols = item.shape
+    dtype = torch.float16 if spec.nbytes == rows * cols * 2 else torch.float32  # the width the plan chose
+    writer.write(spec.name, quantize.tile_float(lora_half(plan, item), dtype).numpy())
     progress(spec.nbytes)
 
 

@@ -21,6 +21,7 @@ from .split import SplittingSource
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 FLOAT_TYPES = {"fp16": tflite.FLOAT16, "fp32": tflite.FLOAT32}
+LORA_FLOAT_BYTES = {"fp16": 2, "fp32": 4}  # LoRA halves are typed FLOAT32 whatever their width
 
 
 @dataclass(frozen=True)
@@ -191,21 +192,21 @@ def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ..
 
 def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, compat: bool,
               peft_scaling: bool) -> list[PlannedTensor]:
-    """LoRA halves as fp16 tile4 tensors, the A-derived one first, in the family's target order;
-    B carries PEFT's scale when `peft_scaling`."""
+    """LoRA halves as tile4 tensors in the family's float width, the A-derived one first (unless the
+    rule says B), in the family's target order; B carries PEFT's scale when `peft_scaling`."""
     plan = []
     for pair in adapter.pairs:
         rule = family.lora_rule(pair.module)
         prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
         in_features, out_features = getattr(dims, rule.in_features), getattr(dims, rule.out_features)
         transposed = compat and rule.transposed_in_mediapipe
-        for half, key, name, shape in (
-            ("A", pair.a_key, rule.a_name, (rank, in_features)),
-            ("B", pair.b_key, rule.b_name, (out_features, rank)),
-        ):
+        halves = (("A", pair.a_key, rule.a_name, (rank, in_features)),
+                  ("B", pair.b_key, rule.b_name, (out_features, rank)))
+        itemsize = LORA_FLOAT_BYTES[family.lora_float]
+        for half, key, name, shape in reversed(halves) if rule.b_first else halves:
             dtype = str(adapter.source.info(key).dtype).removeprefix("torch.") if key else "zeros"
             _check_tileable(key or f"{prefix}.{name}", shape)
-            spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * 2)
+            spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * itemsize)
             scale = pair.scale if half == "B" and peft_scaling else 1.0
             plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed, scale))
     return plan

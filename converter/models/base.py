@@ -136,7 +136,8 @@ class LoraRule:
     """A LoRA target: PEFT module name, MediaPipe prefix and which name each half gets.
 
     `transposed_in_mediapipe` marks the target that MediaPipe 0.10.21 encoded as a reshape of
-    the transposed matrices (o_proj); only `--mediapipe-compat` reproduces that.
+    the transposed matrices (o_proj); only `--mediapipe-compat` reproduces that. `b_first`: the
+    B-derived half comes first in the file (Phi-2's post, whose halves are written left, right).
     """
 
     hf_module: str
@@ -146,6 +147,7 @@ class LoraRule:
     in_features: str
     out_features: str
     transposed_in_mediapipe: bool = False
+    b_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class ModelFamily:
     parameters: Callable[[Dims, dict], llm_params_pb2.LlmParameters]
     quantizations: tuple[str, ...] = ("int8", "int4", "fp16", "fp32")
     backends: tuple[str, ...] = ("gpu",)
+    lora_float: str = "fp16"  # how MediaPipe stores LoRA halves (tile4): fp16 (Gemma) or fp32 (Phi-2)
     layer_prefix: str = "model.layers.{i}."
     mp_layer_prefix: str = "params.lm.transformer.x_layers_{i}."
     config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)

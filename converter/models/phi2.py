@@ -83,15 +83,18 @@ FAMILY = ModelFamily(
         *layer_norm("model.final_layernorm", "params.lm.final_ln", "final_norm"),
         *linear("lm_head", "params.lm.softmax.logits_ffn", Role.EMBEDDING, ("vocab_size", "hidden_size"), "lm_head"),
     ),
-    # The names MediaPipe's PhiMapper means to give LoRA tensors (0.10.21 leaves them unrenamed).
+    # The names MediaPipe's PhiMapper means to give LoRA tensors (0.10.21 leaves them unrenamed); the
+    # post halves are written left (B) then right (A), as its C++ step orders them.
     lora=(
         LoraRule("self_attn.q_proj", "self_attention.q", "w_prime_left", "w_prime_right", "hidden_size", "q_size"),
         LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
         LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
-        LoraRule("self_attn.dense", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size"),
+        LoraRule("self_attn.dense", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size",
+                 b_first=True),
     ),
     required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
     ignored=(),
     parameters=parameters,
     architecture=ARCHITECTURE,
+    lora_float="fp32",  # MediaPipe's C++ step writes Phi-2's LoRA halves as float32 (Gemma's: fp16)
 )
