@@ -112,6 +112,8 @@ def lora_half(plan: ConversionPlan, item: PlannedTensor) -> torch.Tensor:
     if item.lora_rule_transposed:
         # MediaPipe 0.10.21 reinterprets the transposed buffer instead of transposing.
         matrix = matrix.t().contiguous().reshape(rows, cols)
+    if item.lora_transposed_back:
+        matrix = matrix.t().contiguous()
     return matrix
 
 

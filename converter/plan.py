@@ -35,6 +35,7 @@ class PlannedTensor:
     outputs: tuple[tflite.TensorSpec, ...]
     lora_rule_transposed: bool = False  # o_proj halves in --mediapipe-compat
     scale: float = 1.0  # factor folded into the stored values (LoRA B: PEFT's alpha / r)
+    lora_transposed_back: bool = False  # reshaped o_proj halves MediaPipe then transposes (Phi-2, compat)
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +200,8 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
         rule = family.lora_rule(pair.module)
         prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
         in_features, out_features = getattr(dims, rule.in_features), getattr(dims, rule.out_features)
-        transposed = compat and rule.transposed_in_mediapipe
+        transposed = compat and (rule.transposed_in_mediapipe or rule.transposed_back_in_mediapipe)
+        transposed_back = compat and rule.transposed_back_in_mediapipe
         halves = (("A", pair.a_key, rule.a_name, (rank, in_features)),
                   ("B", pair.b_key, rule.b_name, (out_features, rank)))
         itemsize = LORA_FLOAT_BYTES[family.lora_float]
@@ -208,7 +210,8 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
             _check_tileable(key or f"{prefix}.{name}", shape)
             spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * itemsize)
             scale = pair.scale if half == "B" and peft_scaling else 1.0
-            plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed, scale))
+            plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed, scale,
+                                      lora_transposed_back=transposed_back))
     return plan
 
 

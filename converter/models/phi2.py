@@ -90,7 +90,7 @@ FAMILY = ModelFamily(
         LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
         LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
         LoraRule("self_attn.dense", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size",
-                 b_first=True),
+                 transposed_back_in_mediapipe=True, b_first=True),
     ),
     required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
     ignored=(),
