@@ -94,8 +94,8 @@ def main(workdir: Path, preset: str, quantization: str, lora_rank: int, record: 
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint, adapter, tokenizer = ensure_checkpoint(preset, workdir / preset.lower(), lora_rank or None)
     bits = {"int8": 8, "int4": 4}[quantization]
-    theirs = workdir / f"mediapipe-{quantization}"
-    ours = workdir / f"ours-{quantization}"
+    theirs = workdir / f"{preset.lower()}-mediapipe-{quantization}"  # per preset: one workdir serves all
+    ours = workdir / f"{preset.lower()}-ours-{quantization}"
     ckpt_format, checkpoint = checkpoint_input(preset, checkpoint)
     mp_command = [oracle_python(), str(ROOT / "scripts" / "oracle_convert.py"), "--model-type", preset,
                   "--input-ckpt", str(checkpoint), "--ckpt-format", ckpt_format, "--vocab-model-file", str(tokenizer),
