@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..errors import ConversionError
-from . import gemma
+from . import gemma, gemma2, gemma3
 from .base import ModelFamily, ModelType
 
-FAMILIES: tuple[ModelFamily, ...] = (gemma.FAMILY,)
+FAMILIES: tuple[ModelFamily, ...] = (gemma.FAMILY, gemma2.FAMILY, gemma3.FAMILY)
 
 
 def model_type_names() -> list[str]:
