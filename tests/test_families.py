@@ -210,3 +210,42 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     first, cache = model.forward(ids[:5])
     rest, _ = model.forward(ids[5:], cache)
     torch.testing.assert_close(torch.cat([first, rest]), full, atol=1e-5, rtol=0)
+
+
+def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint as transformers saves it (`language_model.` names,
+    vision tower, projector) converts as GEMMA3_4B from its text part; the 64 image-token rows have
+    no tokenizer pieces and the bundle accepts that; the logits are transformers'."""
+    from click.testing import CliRunner
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from bundler.cli import main as bundle_main
+
+    text = dict(vocab_size=512 + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.05)
+    model.eval().save_pretrained(str(tmp_path / "ckpt"))
+    result = convert(ConversionConfig(input_ckpt=tmp_path / "ckpt", ckpt_format="safetensors", model_type="GEMMA3_4B",
+                                      output_dir=tmp_path / "out", vocab_model_file=TOKENIZER, quantization="fp32"))
+    ours = ReferenceModel(WeightFile(result.output))
+    assert ours.parameters.vocab_size == 576
+    for ids in PROMPTS:
+        torch.testing.assert_close(ours.forward(ids)[0], logits(model, ids), atol=2e-5, rtol=0)
+    bundle = CliRunner().invoke(bundle_main, ["--tflite-model", str(result.output), "--tokenizer-model", str(TOKENIZER),
+                                              "--start-token", "<bos>", "--stop-tokens", "<eos>",
+                                              "--output-filename", str(tmp_path / "model.task")])
+    assert bundle.exit_code == 0, bundle.output
+    # 64 fewer pieces is Gemma 3's exception, not a general one: another count is still refused.
+    from make_tokenizer import train
+
+    train(tmp_path / "short.model", 500)
+    other = CliRunner().invoke(bundle_main, ["--tflite-model", str(result.output), "--tokenizer-model",
+                                             str(tmp_path / "short.model"), "--start-token", "<bos>",
+                                             "--stop-tokens", "<eos>", "--output-filename", str(tmp_path / "x.task")])
+    assert other.exit_code == 1 and "has 500 pieces" in other.stderr
