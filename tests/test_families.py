@@ -249,3 +249,39 @@ def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
                                              str(tmp_path / "short.model"), "--start-token", "<bos>",
                                              "--stop-tokens", "<eos>", "--output-filename", str(tmp_path / "x.task")])
     assert other.exit_code == 1 and "has 500 pieces" in other.stderr
+
+
+def test_gemma_7b_parameters_are_mediapipes_2b_bytes_with_7b_sizes():
+    """MediaPipe's GEMMA_2B bytes (read out of its file) with upstream GetGemma7BParams' sizes (MHA: 0 KV heads)."""
+    from .test_models import MEDIAPIPE_GEMMA_2B
+
+    expected = llm_params_pb2.LlmParameters.FromString(MEDIAPIPE_GEMMA_2B)
+    t = expected.transformer_parameters
+    t.embedding_dim, t.hidden_dimension, t.num_heads, t.num_stacks, t.num_kv_heads = 3072, 8 * 3072, 16, 28, 0
+    config = hf_config(PRESETS["GEMMA_7B"]).to_dict()
+    assert parameters("GEMMA_7B", config).SerializeToString() == expected.SerializeToString()
+
+
+@pytest.mark.runtime
+def test_litertlm_gpu_output_equals_the_reference_runtime(tiny, tmp_path):
+    """LiteRT-LM's GPU executor (SwiftShader) loads the tiny Gemma 2 / Gemma 3 int8 files and
+    generates the reference runtime's greedy text, with and without the LoRA file."""
+    from click.testing import CliRunner
+
+    from bundler.cli import main as bundle_main
+    from harness.generate import Options, generate, load
+
+    from .test_bundler import run_litertlm
+
+    preset, _, _, files = tiny
+    base, adapter = (weights.path for weights in files["int8"])
+    bundle = tmp_path / f"{preset.lower()}.litertlm"
+    result = CliRunner().invoke(bundle_main, ["--tflite-model", str(base), "--tokenizer-model", str(TOKENIZER),
+                                              "--start-token", "<bos>", "--stop-tokens", "<eos>",
+                                              "--output-filename", str(bundle), "--format", "litertlm"])
+    assert result.exit_code == 0, result.output
+    runtime = run_litertlm(bundle, "one two three", 24, adapter, 8)
+    options = Options(max_tokens=24, top_k=1, temperature=0)
+    assert runtime["base"] == generate(load(base), "one two three", options).text
+    assert runtime["lora"] == generate(load(base, adapter), "one two three", options).text
+    assert runtime["base"] != runtime["lora"]
