@@ -7,6 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from converter.errors import ConversionError
+from converter.models import find_model_type
 from converter.tflite import WeightFile
 from converter.tokenizer import load_tokenizer
 
@@ -30,9 +31,19 @@ def token_id(tokenizer: spm.SentencePieceProcessor, token: str, option: str, pat
     return piece_id
 
 
+def tokenizer_sizes(model_type: str, vocab_size: int) -> set[int]:
+    """Piece counts a tokenizer may have for the model: the vocabulary, or fewer by the family's
+    embedding rows that no piece names (Gemma 3 4B and up: 262208 rows, 262144 pieces)."""
+    try:
+        family, _ = find_model_type(model_type)
+    except ConversionError:
+        return {vocab_size}
+    return {vocab_size, vocab_size - family.untokenized_rows}
+
+
 def check_inputs(config: BundleConfig) -> CheckedInputs:
     """The model must be a GPU weights file (base, not LoRA), the tokenizer a SentencePiece
-    model with exactly the model's vocabulary, and the start/stop tokens pieces of it."""
+    model with the model's vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
     if not model_path.is_file():
         raise ConversionError(f"--tflite-model {model_path}: file not found")
@@ -42,7 +53,7 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
                               "bundle the base model and ship LoRA files beside it")
     _, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
     vocab_size = model.parameters.vocab_size
-    if vocab_size and tokenizer.vocab_size() != vocab_size:
+    if vocab_size and tokenizer.vocab_size() not in tokenizer_sizes(model.subgraph_name, vocab_size):
         raise ConversionError(f"--tokenizer-model {tokenizer_path} has {tokenizer.vocab_size()} pieces but "
                               f"{model_path} was converted for a vocabulary of {vocab_size}")
     start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)

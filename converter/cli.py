@@ -9,7 +9,8 @@ from . import config as options
 from .config import ConversionConfig
 from .convert import execute
 from .errors import ConversionError
-from .models import model_type_names
+from .models import FAMILIES, model_type_names
+from .models.base import ModelFamily, ModelType
 from .plan import ConversionPlan, make_plan
 
 
@@ -48,7 +49,34 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
         click.echo(f"layer {pair.layer:3} {pair.module:18} -> {prefix}.{{{rule.a_name},{rule.b_name}}}  {what}")
 
 
+def lora_targets(family: ModelFamily, model_type: ModelType) -> str:
+    """The adapter modules a model type takes: required ones, then optional ones in parentheses."""
+    if not family.lora or not model_type.lora:
+        return "none (MediaPipe takes no LoRA for it)"
+    short = [rule.hf_module.rsplit(".", 1)[-1] for rule in family.lora]
+    required = [name for rule, name in zip(family.lora, short) if rule.hf_module in family.required_lora]
+    optional = [name for name in short if name not in required]
+    return " ".join(required) + (f" (+ {' '.join(optional)})" if optional else "")
+
+
+def print_models(ctx: click.Context, _option, value: bool) -> None:
+    """`--list-models`: every supported model type with what it supports, from the family data."""
+    if not value or ctx.resilient_parsing:
+        return
+    rows = [("model type", "family", "config model_type", "LoRA targets (+ optional)", "quantizations", "backends")]
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            rows.append((model_type.name, family.name, ",".join(family.hf_model_types),
+                         lora_targets(family, model_type), ",".join(family.quantizations), ",".join(family.backends)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    ctx.exit()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=print_models,
+              help="List the supported model types with their LoRA targets, quantizations and backends, and exit.")
 @click.option("--input-ckpt", default=None, help="Base checkpoint: file, folder (sharded too) or glob.")
 @click.option("--ckpt-format", type=click.Choice(options.CKPT_FORMATS), default="safetensors", show_default=True)
 @click.option("--model-type", required=True, metavar="TYPE", help=f"One of: {', '.join(model_type_names())}.")

@@ -241,9 +241,9 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
         if config.lora_ckpt is not None:
             if not family.lora or not model_type.lora:
-                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "
-                                      f"weights only for {', '.join(lora_model_type_names())}; merge the adapter "
-                                      "into the base checkpoint first")
+                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe supports LoRA "
+                                      f"only for {', '.join(lora_model_type_names())}; merge the adapter into the "
+                                      "base checkpoint first")
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb)
             plan.adapter = adapter
             if config.lora_rank < adapter.rank:

@@ -28,9 +28,35 @@ PRESETS: dict[str, dict] = {
         model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
     ),
+    "GEMMA2_2B": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    ),
+    "GEMMA3_300M": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+    ),
+    "GEMMA3_1B": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+    ),
     "TINY_GEMMA": dict(
         model_type="gemma", vocab_size=512, hidden_size=64, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+    ),
+    # Tiny models that exercise every setting: GQA, head_dim != hidden/heads, soft caps that bite,
+    # queries scaled by 1/sqrt(hidden/heads); Gemma 3: a global layer among sliding-window layers
+    # with a window shorter than the test prompts, and linear scaling of the global rotary base.
+    "TINY_GEMMA2": dict(
+        model_type="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=16,
+        attn_logit_softcapping=0.1, final_logit_softcapping=0.3,
+    ),
+    "TINY_GEMMA3": dict(
+        model_type="gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
     ),
 }
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -55,3 +55,33 @@ def test_head_dim_and_kv_heads_defaults_and_missing_keys():
     assert dims.head_dim == 16 and dims.num_kv_heads == 4
     with pytest.raises(ConversionError, match="missing vocab_size"):
         dims_from_config(family, {k: v for k, v in base.items() if k != "vocab_size"}, "config.json")
+
+
+def test_list_models_prints_every_type_from_the_family_data():
+    from .conftest import run_convert
+    from converter.models import FAMILIES
+
+    result = run_convert("--list-models")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            line = lines.pop(model_type.name)
+            assert line.split()[1] == family.name
+            assert ("q_proj" in line) == (bool(family.lora) and model_type.lora), line
+            assert ",".join(family.quantizations) in line and ",".join(family.backends) in line
+    assert not lines
+    assert "none (MediaPipe takes no LoRA" in result.stdout.split("GEMMA_7B")[1].splitlines()[0]
+
+
+def test_lora_for_gemma_7b_is_refused(tiny, tiny_lora, tmp_path):
+    from .conftest import base_args, run_convert
+
+    args = base_args(tiny, tmp_path / "out", "--lora-ckpt", tiny_lora, "--lora-rank", 8)
+    args[1] = "GEMMA_7B"
+    result = run_convert(*args)
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert message.startswith("error: LoRA is not supported for GEMMA_7B: MediaPipe supports LoRA only for GEMMA_2B, ")
+    assert "GEMMA_7B" not in message.split("only for")[1] and len(message.splitlines()) == 1
+    assert not (tmp_path / "out" / "model.bin").exists()

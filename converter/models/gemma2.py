@@ -1,0 +1,54 @@
+"""Gemma 2: GEMMA2_2B, Hugging Face `Gemma2ForCausalLM`.
+
+Gemma plus a norm on each block's output (`post_attention_layernorm` on the attention output,
+`post_feedforward_layernorm` on the MLP output; the MLP input norm is `pre_feedforward_layernorm`),
+tanh soft caps on the attention logits (50) and the final logits (30), and queries scaled by
+1/sqrt(query_pre_attn_scalar). MediaPipe (0.10.21 and later) leaves the local/global alternation
+and the 4096 sliding window unset for GEMMA2_2B, so its runtime attends globally in every layer:
+the same as transformers for sequences up to the window.
+"""
+from __future__ import annotations
+
+from ..proto import llm_params_pb2
+from .base import Dims, ModelFamily, ModelType
+from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, K, O, Q, V,
+                    attention_scale_type, base_parameters, check_common, norm)
+
+# transformers' Gemma2Config defaults, for config.json files that leave them out.
+DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+
+
+def cap(config: dict, key: str) -> float:
+    """A soft cap from config.json: absent means transformers' default, null means off."""
+    return float(config.get(key, DEFAULTS[key]) or 0.0)
+
+
+def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
+    """LlmParameters for a Gemma 2 checkpoint, matching MediaPipe's for GEMMA2_2B."""
+    check_common(config)
+    return base_parameters(dims, post_norms=True, attention_cap=cap(config, "attn_logit_softcapping"),
+                           final_cap=cap(config, "final_logit_softcapping"),
+                           scale_type=attention_scale_type(dims, config))
+
+
+POST_NORMS_LAYER = (
+    INPUT_NORM, Q, K, V, O,
+    norm("post_attention_layernorm", "post_layer_norm.scale", "attn_post_norm"),
+    norm("pre_feedforward_layernorm", "ff_layer.pre_layer_norm.scale", "mlp_norm"),
+    *MLP,
+    norm("post_feedforward_layernorm", "ff_layer.post_layer_norm.scale", "mlp_post_norm"),
+)
+
+FAMILY = ModelFamily(
+    name="gemma2",
+    hf_model_types=("gemma2",),
+    model_types=(ModelType("GEMMA2_2B", 18, Dims(26, 2304, 9216, 8, 4, 256, 256000)),),
+    head=(EMBEDDING,),
+    layer=POST_NORMS_LAYER,
+    tail=(FINAL_NORM,),
+    lora=LORA,
+    required_lora=REQUIRED_LORA,
+    ignored=("lm_head.weight",),
+    parameters=parameters,
+    architecture=ARCHITECTURE,
+)
