@@ -35,7 +35,7 @@ class PlannedTensor:
     outputs: tuple[tflite.TensorSpec, ...]
     lora_rule_transposed: bool = False  # o_proj halves in --mediapipe-compat
     scale: float = 1.0  # factor folded into the stored values (LoRA B: PEFT's alpha / r)
-    lora_transposed_back: bool = False  # reshaped o_proj halves MediaPipe then transposes (Phi-2, compat)
+    lora_transposed_back: bool = False  # ... and then transposed (Phi-2's post in --mediapipe-compat)
 
     @property
     def nbytes(self) -> int:
@@ -193,25 +193,25 @@ def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ..
 
 def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, compat: bool,
               peft_scaling: bool) -> list[PlannedTensor]:
-    """LoRA halves as tile4 tensors in the family's float width, the A-derived one first (unless the
-    rule says B), in the family's target order; B carries PEFT's scale when `peft_scaling`."""
+    """LoRA halves as tile4 tensors in the family's float width, `a_name`'s first, in the family's
+    target order; B carries PEFT's scale when `peft_scaling`."""
     plan = []
     for pair in adapter.pairs:
         rule = family.lora_rule(pair.module)
         prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
         in_features, out_features = getattr(dims, rule.in_features), getattr(dims, rule.out_features)
-        transposed = compat and (rule.transposed_in_mediapipe or rule.transposed_back_in_mediapipe)
-        transposed_back = compat and rule.transposed_back_in_mediapipe
-        halves = (("A", pair.a_key, rule.a_name, (rank, in_features)),
-                  ("B", pair.b_key, rule.b_name, (out_features, rank)))
+        swapped = compat and rule.swapped_in_mediapipe
+        transposed = compat and rule.transposed_in_mediapipe or swapped
+        a_name, b_name = (rule.b_name, rule.a_name) if swapped else (rule.a_name, rule.b_name)
+        halves = (("A", pair.a_key, a_name, (rank, in_features)), ("B", pair.b_key, b_name, (out_features, rank)))
         itemsize = LORA_FLOAT_BYTES[family.lora_float]
-        for half, key, name, shape in reversed(halves) if rule.b_first else halves:
+        for half, key, name, shape in reversed(halves) if swapped else halves:  # the file lists a_name's first
             dtype = str(adapter.source.info(key).dtype).removeprefix("torch.") if key else "zeros"
             _check_tileable(key or f"{prefix}.{name}", shape)
             spec = tflite.TensorSpec(f"{prefix}.{name}", tflite.FLOAT32, shape[0] * shape[1] * itemsize)
             scale = pair.scale if half == "B" and peft_scaling else 1.0
             plan.append(PlannedTensor(key, shape, dtype, f"lora-{half}", (spec,), transposed, scale,
-                                      lora_transposed_back=transposed_back))
+                                      lora_transposed_back=swapped))
     return plan
 
 

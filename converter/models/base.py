@@ -136,10 +136,10 @@ class LoraRule:
     """A LoRA target: PEFT module name, MediaPipe prefix and which name each half gets.
 
     `transposed_in_mediapipe` marks the target that MediaPipe 0.10.21 encoded as a reshape of
-    the transposed matrices (o_proj); `transposed_back_in_mediapipe` marks one whose reshaped
-    buffer MediaPipe's C++ step then transposes (Phi-2's post, with PhiMapper's intended names);
-    only `--mediapipe-compat` reproduces these. `b_first`: the
-    B-derived half comes first in the file (Phi-2's post, whose halves are written left, right).
+    the transposed matrices (o_proj). `swapped_in_mediapipe` marks one whose halves MediaPipe
+    names the other way round (Phi-2's post: PhiMapper's Gemma-style names put A under `b_name`),
+    so its C++ step reads each buffer as the other half's shape: reshaped, then transposed back.
+    Only `--mediapipe-compat` reproduces these.
     """
 
     hf_module: str
@@ -149,8 +149,7 @@ class LoraRule:
     in_features: str
     out_features: str
     transposed_in_mediapipe: bool = False
-    transposed_back_in_mediapipe: bool = False
-    b_first: bool = False
+    swapped_in_mediapipe: bool = False
 
 
 @dataclass(frozen=True)

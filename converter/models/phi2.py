@@ -6,6 +6,7 @@ MediaPipe names the matrices `<m>.linear.w` and the biases `<m>.bias.b`.
 """
 from __future__ import annotations
 
+from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
 from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule
@@ -28,7 +29,10 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     require(config, "qk_layernorm", (False,), False)
     require(config, "rope_scaling", (None,), None)
     require(config, "rope_type", ("default",), "default")
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=START_TOKEN_ID,
+    start = config.get("bos_token_id", START_TOKEN_ID)  # phi-2's is START_TOKEN_ID; tiny models have their own
+    if not isinstance(start, int) or not 0 <= start < dims.vocab_size:
+        raise ConversionError(f"config.json: bos_token_id {start!r} is not a token of the {dims.vocab_size}-token vocabulary")
+    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=start,
                                           stop_tokens=["<|endoftext|>"])
     t = params.transformer_parameters
     t.batch_size = 1
@@ -83,14 +87,16 @@ FAMILY = ModelFamily(
         *layer_norm("model.final_layernorm", "params.lm.final_ln", "final_norm"),
         *linear("lm_head", "params.lm.softmax.logits_ffn", Role.EMBEDDING, ("vocab_size", "hidden_size"), "lm_head"),
     ),
-    # The names MediaPipe's PhiMapper means to give LoRA tensors (0.10.21 leaves them unrenamed); the
-    # post halves are written left (B) then right (A), as its C++ step orders them.
+    # Names and shapes as MediaPipe's C++ step lays out PHI_2 LoRA: every target, post included,
+    # has A as `w_prime_left` [r, in] and B as `w_prime_right` [out, r], written in that order.
+    # (Its PhiMapper means to name post's halves the Gemma way round, which its C++ step reads as
+    # the other half's shape; 0.10.21 leaves all Phi-2 LoRA tensors unrenamed and then crashes.)
     lora=(
         LoraRule("self_attn.q_proj", "self_attention.q", "w_prime_left", "w_prime_right", "hidden_size", "q_size"),
         LoraRule("self_attn.k_proj", "self_attention.k", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
         LoraRule("self_attn.v_proj", "self_attention.v", "w_prime_left", "w_prime_right", "hidden_size", "kv_size"),
-        LoraRule("self_attn.dense", "self_attention.post", "w_prime_right", "w_prime_left", "q_size", "hidden_size",
-                 transposed_back_in_mediapipe=True, b_first=True),
+        LoraRule("self_attn.dense", "self_attention.post", "w_prime_left", "w_prime_right", "q_size", "hidden_size",
+                 swapped_in_mediapipe=True),
     ),
     required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
     ignored=(),
