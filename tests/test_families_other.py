@@ -332,3 +332,25 @@ def test_phi2_lora_matches_mediapipes_encoding_of_its_intended_names(tmp_path):
     digests = encoded_digests(plan, plan.lora)
     assert len(digests) == 4 * 2 * 32
     assert digests == {name: record["tensors"][name]["sha256"] for name in digests}
+
+
+def test_falcon_runs_in_litertlm_gpu_as_in_the_reference_runtime(tmp_path):
+    """LiteRT-LM's GPU executor (SwiftShader) loads our FALCON_RW_1B file and its greedy text is the
+    reference runtime's. (Its shaders for Phi-2 and StableLM fail to compile on this driver:
+    WGSL `vec4<f32> + vec4<bool>`, so those two are not run here.)"""
+    from click.testing import CliRunner
+
+    from bundler.cli import main as bundle_main
+    from harness.generate import Options, generate, load
+
+    from .test_bundler import run_litertlm
+
+    out = convert(save(hf_model("FALCON_RW_1B"), tmp_path / "ckpt", True), "FALCON_RW_1B", tmp_path / "out", "int8")
+    bundle = tmp_path / "falcon.litertlm"
+    result = CliRunner().invoke(bundle_main, ["--tflite-model", str(out / "model.bin"), "--tokenizer-model",
+                                              str(TOKENIZER), "--start-token", "<bos>", "--stop-tokens", "<eos>",
+                                              "--output-filename", str(bundle), "--format", "litertlm"])
+    assert result.exit_code == 0, result.output
+    runtime = run_litertlm(bundle, "one two three", 24)
+    ours = generate(load(out / "model.bin"), "one two three", Options(max_tokens=24, top_k=1, temperature=0)).text
+    assert runtime["base"] == ours and ours
