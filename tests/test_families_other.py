@@ -298,21 +298,20 @@ def encoded_digests(plan, items) -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in sink.buffers.items()}
 
 
-RECORDS = {"PHI_2": "phi-2-int8-lora8.json", "FALCON_RW_1B": "falcon-rw-1b-int8.json",
-           "STABLELM_4E1T_3B": "stablelm-4e1t-3b-int8.json"}
+# MediaPipe 0.10.21's outputs at real shapes, digested by scripts/parity.py --record.
+RECORDS = {("PHI_2", "int8"): "phi-2-int8-lora8.json", ("PHI_2", "int4"): "phi-2-int4.json",
+           ("FALCON_RW_1B", "int8"): "falcon-rw-1b-int8.json", ("FALCON_RW_1B", "int4"): "falcon-rw-1b-int4.json",
+           ("STABLELM_4E1T_3B", "int8"): "stablelm-4e1t-3b-int8.json"}
 LAYER = 3
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("model_type", sorted(RECORDS))
-def test_real_shape_file_matches_mediapipes_output(model_type):
-    """MediaPipe's full int8 output (scripts/parity.py --record): same flatbuffer region, offsets and
-    size; one layer's tensors and the final norm, regenerated from their seeds, hash the same."""
-    path = ROOT / "fixtures" / "oracle" / RECORDS[model_type]
-    if not path.is_file():
-        pytest.skip(f"{path.name} not recorded")
-    record = json.loads(path.read_text())["base"]
-    plan = recorded_plan(model_type, "int8")
+@pytest.mark.parametrize("model_type,quantization", sorted(RECORDS))
+def test_real_shape_file_matches_mediapipes_output(model_type, quantization):
+    """MediaPipe's full output: same flatbuffer region, offsets and size; one layer's tensors and
+    the final norm, regenerated from their seeds, hash the same."""
+    record = json.loads((ROOT / "fixtures" / "oracle" / RECORDS[model_type, quantization]).read_text())["base"]
+    plan = recorded_plan(model_type, quantization)
     assert_layout_is_recorded(plan, plan.base, None, record)
     layer = [item for item in plan.base
              if any(f"x_layers_{LAYER}." in s.name or "final_ln" in s.name for s in item.outputs)]
@@ -326,7 +325,7 @@ def test_phi2_lora_matches_mediapipes_encoding_of_its_intended_names(tmp_path):
     """0.10.21's PhiMapper never renames LoRA tensors; with the names it means to give them
     (scripts/oracle_convert.py --rename-lora-bins) its C++ step writes float32 tile4 halves, post
     left first, and reinterprets post's buffers; --mediapipe-compat reproduces every byte."""
-    record = json.loads((ROOT / "fixtures" / "oracle" / RECORDS["PHI_2"]).read_text())["lora"]
+    record = json.loads((ROOT / "fixtures" / "oracle" / RECORDS["PHI_2", "int8"]).read_text())["lora"]
     plan = recorded_plan("PHI_2", "int8", tmp_path / "adapter")
     assert_layout_is_recorded(plan, plan.lora, 8, record)
     digests = encoded_digests(plan, plan.lora)
