@@ -121,8 +121,10 @@ CASES = {
     "lora on unsupported target": (
         add_tensor("base_model.model.model.layers.0.input_layernorm.lora_A.weight", torch.zeros(8, 64), "lora"),
         LORA_ARGS, ["input_layernorm", "not supported", "GEMMA_2B"]),
-    "lora unknown key": (add_tensor("base_model.model.lm_head.weight", torch.zeros(4), "lora"), LORA_ARGS,
-                         ["lm_head.weight", "not LoRA"]),
+    "lora unknown key": (add_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight", torch.zeros(4),
+                                    "lora"), LORA_ARGS, ["q_proj.lora_C.weight", "not LoRA"]),
+    "lm_head on a tied model": (add_tensor("base_model.model.lm_head.weight", torch.zeros(512, 64), "lora"), LORA_ARGS,
+                                ["lm_head.weight", "one tensor for the embedding and the output"]),
     "lora for another model": (lora_from_other_model, LORA_ARGS, ["q_proj", "[8, 128]", "[r, 64]"]),
     "lora beyond last layer": (
         add_tensor("base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight", torch.zeros(8, 64), "lora"),
