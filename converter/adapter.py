@@ -147,6 +147,12 @@ def _group_keys(source: TensorSource, file: Path) -> dict[str, dict[str, str]]:
     return modules
 
 
+def where(module: str) -> str:
+    """A module for messages: "layer 3 self_attn.q_proj", or its name outside the layers."""
+    match = LAYER_MODULE.match(module)
+    return f"layer {match.group(1)} {match.group(2)}" if match else module
+
+
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
@@ -171,21 +177,16 @@ class _Reader:
         rank = self.shape(a_key)[0]
         config_rank = pattern_value(self.config.get("rank_pattern") or {}, peft_name, self.config.get("r"))
         if config_rank is not None and config_rank != rank:
-            raise self.fail(f"{self._where(module)}: adapter_config.json says r={config_rank} but the tensors have "
+            raise self.fail(f"{where(module)}: adapter_config.json says r={config_rank} but the tensors have "
                             f"rank {rank}")
         alpha = float(pattern_value(self.config.get("alpha_pattern") or {}, peft_name,
                                     self.alpha if self.alpha is not None else rank))
         return rank, alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
-    @staticmethod
-    def _where(module: str) -> str:
-        match = LAYER_MODULE.match(module)
-        return f"layer {match.group(1)} {match.group(2)}" if match else module
-
     def check_halves(self, module: str, keys: dict[str, str], a: str, b: str) -> None:
         for half, other in ((a, b), (b, a)):
             if half not in keys:
-                raise self.fail(f"{self._where(module)}: lora_{half.removeprefix('embedding_')} is missing "
+                raise self.fail(f"{where(module)}: lora_{half.removeprefix('embedding_')} is missing "
                                 f"(found only {keys[other]})")
 
     def linear(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -195,7 +196,7 @@ class _Reader:
         a_shape, b_shape = self.shape(keys["A"]), self.shape(keys["B"])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_features or b_shape[0] != out_features \
                 or a_shape[0] != b_shape[1]:
-            raise self.fail(f"{self._where(module)}: {keys['A']} {list(a_shape)} / {keys['B']} {list(b_shape)} do "
+            raise self.fail(f"{where(module)}: {keys['A']} {list(a_shape)} / {keys['B']} {list(b_shape)} do "
                             f"not fit the base (expected [r, {in_features}] and [{out_features}, r])")
         if "magnitude" in keys and self.shape(keys["magnitude"]) != (out_features,):
             raise self.fail(f"{keys['magnitude']} has shape {list(self.shape(keys['magnitude']))}, "
@@ -239,58 +240,56 @@ def _embedding_target(family: ModelFamily) -> str:
 
 def _merges(reader: _Reader, modules: dict[str, dict[str, str]], dora: bool) -> list[TensorMerge]:
     """What merging changes in the base, module by module; refuses what cannot be merged exactly."""
-    family, dims, base, config = reader.family, reader.dims, reader.base, reader.config
-    embedding = _embedding_target(family)
-    tied = tied_output(family)
-    ensure_tying = bool(config.get("ensure_weight_tying"))
-    merges = []
-    if tied and "lm_head" in modules:
-        _check_tied_copy(reader, modules.pop("lm_head"), modules.get(canonical(embedding.removesuffix(".weight"))),
-                         ensure_tying)
-    for module, keys in sorted(modules.items()):
-        target = module + ".weight"
-        layer = LAYER_MODULE.match(module)
-        if layer and int(layer.group(1)) >= dims.num_layers:
-            raise reader.fail(f"{reader._where(module)}: layer index beyond the base model's {dims.num_layers} layers")
-        lora = "A" in keys or "B" in keys or "embedding_A" in keys or "embedding_B" in keys
-        if target not in base and not lora:
-            raise reader.fail(f"tensors that are not LoRA weights or base-model tensors: {_shown(list(keys.values()))}")
-        if target not in base or (lora and len(base[target][0]) != 2):
-            supported = ", ".join(r.hf_module for r in family.lora) or "none"
-            raise reader.fail(f"{reader._where(module)}: LoRA on {module} is not supported for {reader.model_type} "
-                              f"(supported targets: {supported})")
-        shape = base[target][0]
-        if tied and target == embedding and not ensure_tying:
-            raise reader.fail(
-                f"{module}: {reader.model_type} uses one tensor for the embedding and the output layer, but PEFT "
-                f"applies this adapter's {module} change to the input lookup only (ensure_weight_tying is not set), "
-                f"so it cannot be merged exactly; train with ensure_weight_tying=True"
-            )
-        if "magnitude" in keys and not ("A" in keys or "B" in keys):
-            raise reader.fail(f"{keys['magnitude']}: DoRA magnitude without LoRA halves")
-        if dora and ("A" in keys or "B" in keys) and "magnitude" not in keys:
-            raise reader.fail(f"{reader._where(module)}: use_dora is set but lora_magnitude_vector is missing")
-        replacement = keys.get("base_layer", keys.get("full"))
-        if replacement is not None:
-            reader.replacement(replacement, target)
-        if "A" in keys or "B" in keys:
-            reader.linear(module, keys, shape)
-            rank, scale = reader.rank_and_scale(module, _peft_name(keys["A"]), keys["A"])
-            rule = family.lora_rule(layer.group(2)) if layer else None
-            what = "DoRA" if "magnitude" in keys else "LoRA"
-            merges.append(TensorMerge(target, what, rule is not None and what == "LoRA" and replacement is None,
-                                      keys["A"], keys["B"], rank, scale, magnitude=keys.get("magnitude"),
-                                      replacement=replacement))
-        elif "embedding_A" in keys or "embedding_B" in keys:
-            if "magnitude" in keys:
-                raise reader.fail(f"{module}: DoRA on the embedding is not supported")
-            reader.embedding(module, keys, shape)
-            rank, scale = reader.rank_and_scale(module, _peft_name(keys["embedding_A"]), keys["embedding_A"])
-            merges.append(TensorMerge(target, "embedding LoRA", False, keys["embedding_A"], keys["embedding_B"],
-                                      rank, scale, embedding=True, replacement=replacement))
-        else:
-            merges.append(TensorMerge(target, "modules_to_save replacement", False, replacement=replacement))
-    return merges
+    if tied_output(reader.family) and "lm_head" in modules:
+        embedding = _embedding_target(reader.family).removesuffix(".weight")
+        _check_tied_copy(reader, modules.pop("lm_head"), modules.get(embedding))
+    return [_module_merge(reader, module, keys, dora) for module, keys in sorted(modules.items())]
+
+
+def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool) -> TensorMerge:
+    """One module's change to its base tensor `<module>.weight`, checked against the base."""
+    family, base, target = reader.family, reader.base, module + ".weight"
+    layer = LAYER_MODULE.match(module)
+    if layer and int(layer.group(1)) >= reader.dims.num_layers:
+        raise reader.fail(f"{where(module)}: layer index beyond the base model's {reader.dims.num_layers} layers")
+    linear, embedding = "A" in keys or "B" in keys, "embedding_A" in keys or "embedding_B" in keys
+    if target not in base and not (linear or embedding):
+        raise reader.fail(f"tensors that are not LoRA weights or base-model tensors: {_shown(list(keys.values()))}")
+    if target not in base or ((linear or embedding) and len(base[target][0]) != 2):
+        supported = ", ".join(r.hf_module for r in family.lora) or "none"
+        raise reader.fail(f"{where(module)}: LoRA on {module} is not supported for {reader.model_type} "
+                          f"(supported targets: {supported})")
+    if tied_output(family) and target == _embedding_target(family) and not reader.config.get("ensure_weight_tying"):
+        raise reader.fail(
+            f"{module}: {reader.model_type} uses one tensor for the embedding and the output layer, but PEFT "
+            f"applies this adapter's {module} change to the input lookup only (ensure_weight_tying is not set), "
+            f"so it cannot be merged exactly; train with ensure_weight_tying=True"
+        )
+    if "base_layer" in keys and "full" in keys:
+        raise reader.fail(f"{keys['base_layer']} and {keys['full']} both replace {target}")
+    replacement = keys.get("base_layer", keys.get("full"))
+    if replacement is not None:
+        reader.replacement(replacement, target)
+    shape = base[target][0]
+    if "magnitude" in keys and embedding:
+        raise reader.fail(f"{module}: DoRA on the embedding is not supported")
+    if "magnitude" in keys and not linear:
+        raise reader.fail(f"{keys['magnitude']}: DoRA magnitude without LoRA halves")
+    if linear:
+        if dora and "magnitude" not in keys:
+            raise reader.fail(f"{where(module)}: use_dora is set but lora_magnitude_vector is missing")
+        reader.linear(module, keys, shape)
+        rank, scale = reader.rank_and_scale(module, _peft_name(keys["A"]), keys["A"])
+        what = "DoRA" if "magnitude" in keys else "LoRA"
+        runtime = layer is not None and family.lora_rule(layer.group(2)) is not None
+        return TensorMerge(target, what, runtime and what == "LoRA" and replacement is None, keys["A"], keys["B"],
+                           rank, scale, magnitude=keys.get("magnitude"), replacement=replacement)
+    if embedding:
+        reader.embedding(module, keys, shape)
+        rank, scale = reader.rank_and_scale(module, _peft_name(keys["embedding_A"]), keys["embedding_A"])
+        return TensorMerge(target, "embedding LoRA", False, keys["embedding_A"], keys["embedding_B"], rank, scale,
+                           embedding=True, replacement=replacement)
+    return TensorMerge(target, "modules_to_save replacement", False, replacement=replacement)
 
 
 def _peft_name(key: str) -> str:
@@ -299,10 +298,10 @@ def _peft_name(key: str) -> str:
     return plain.rsplit(".lora_", 1)[0]
 
 
-def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str] | None, ensure_tying: bool) -> None:
+def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str] | None) -> None:
     """lm_head parts on a tied model are exact only as PEFT's tied copies of the embedding's."""
     model_type = reader.model_type
-    if not ensure_tying or embed is None:
+    if not reader.config.get("ensure_weight_tying") or embed is None:
         raise reader.fail(f"{_shown(sorted(head.values()))}: {model_type} uses one tensor for the embedding and "
                           f"the output layer, so an adapter that changes lm_head alone cannot be applied or merged "
                           f"exactly")
@@ -325,7 +324,7 @@ def _runtime_pairs(reader: _Reader, merges: list[TensorMerge]) -> list[LoraPair]
     for merge in merges:
         module = merge.target.removesuffix(".weight")
         if not merge.runtime_lora:
-            raise reader.fail(f"{reader._where(module)}: the {reader.model_type} runtime cannot apply this "
+            raise reader.fail(f"{where(module)}: the {reader.model_type} runtime cannot apply this "
                               f"{merge.what}; merge it into the base weights with {MERGE_FLAGS}")
         layer = LAYER_MODULE.match(module)
         pairs.append(LoraPair(int(layer.group(1)), layer.group(2), merge.a_key, merge.b_key, merge.rank, merge.scale))
@@ -395,7 +394,7 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
             refused = [m for m in merges if not m.runtime_lora] if merge == "lora" else []
             if refused:
                 module = refused[0].target.removesuffix(".weight")
-                raise reader.fail(f"{reader._where(module)}: the {model_type} runtime cannot apply this "
+                raise reader.fail(f"{where(module)}: the {model_type} runtime cannot apply this "
                                   f"{refused[0].what}, so --merge-lora alone does not merge it; use {MERGE_FLAGS}")
             return LoraAdapter(source, path, rank, (), tuple(merges), notes)
         pairs = _runtime_pairs(reader, merges)

@@ -35,7 +35,7 @@ class MergedSource(TensorSource):
     def _read(self, key: str) -> torch.Tensor:
         shape = self.adapter.info(key).shape
         with self.adapter.rows(key, 0, shape[0] if len(shape) > 1 else 1) as values:
-            return values.to(torch.float32, copy=True)
+            return _finite(key, values.to(torch.float32, copy=True))
 
     def factors(self, name: str, merge: TensorMerge) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`(left, right, magnitude)` with `delta[rows] = left[rows] @ right`, scale folded into left;
@@ -57,6 +57,8 @@ class MergedSource(TensorSource):
         source, key = (self.adapter, merge.replacement) if merge.replacement else (self.base, name)
         with source.rows(key, start, stop) as chunk:
             values = chunk.to(torch.float32, copy=True)
+        if merge.replacement:
+            _finite(key, values)
         if merge.a_key is not None:
             left, right, magnitude = self.factors(name, merge)
             values += left[start:stop] @ right
@@ -66,3 +68,10 @@ class MergedSource(TensorSource):
 
     def close(self) -> None:
         self.base.close()
+
+
+def _finite(key: str, values: torch.Tensor) -> torch.Tensor:
+    """Adapter values, refused by their own name when NaN or Inf (before they reach a base tensor)."""
+    if not bool(torch.isfinite(values).all()):
+        raise ConversionError(f"adapter tensor {key} has NaN or Inf values")
+    return values
