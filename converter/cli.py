@@ -104,11 +104,8 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
     """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
     if check_adapter:
         try:
-            if kwargs["merge_unsupported"] and not kwargs["merge_lora"]:
-                raise ConversionError("--merge-unsupported only applies with --merge-lora")
-            mode = ("all" if kwargs["merge_unsupported"] else "lora") if kwargs["merge_lora"] else None
             print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"],
-                                mode)
+                                options.merge_mode(kwargs["merge_lora"], kwargs["merge_unsupported"]))
         except ConversionError as exc:
             fail(exc)
         return

@@ -18,6 +18,16 @@ LORA_SCALINGS = ("peft", "raw")
 MAX_LORA_RANK = 64  # our default bound; ranks the GPU runtime was seen to take (8, 16) are far below
 
 
+def merge_mode(merge_lora: bool, merge_unsupported: bool) -> str | None:
+    """None: write a LoRA file; "lora": merge what the runtime could take as LoRA; "all": merge
+    everything that can be merged exactly (--merge-unsupported)."""
+    if merge_unsupported and not merge_lora:
+        raise ConversionError("--merge-unsupported only applies with --merge-lora")
+    if not merge_lora:
+        return None
+    return "all" if merge_unsupported else "lora"
+
+
 @dataclass(frozen=True)
 class ConversionConfig:
     input_ckpt: str | Path
@@ -62,9 +72,7 @@ class ConversionConfig:
             raise ConversionError(f"--output-dir {self.output_dir} is an existing file, expected a folder")
 
     def _check_merge_options(self) -> None:
-        if self.merge_unsupported and not self.merge_lora:
-            raise ConversionError("--merge-unsupported only applies with --merge-lora")
-        if not self.merge_lora:
+        if merge_mode(self.merge_lora, self.merge_unsupported) is None:
             return
         if self.lora_ckpt is None:
             raise ConversionError("--merge-lora needs --lora-ckpt (the adapter to merge)")
@@ -78,10 +86,7 @@ class ConversionConfig:
 
     @property
     def merge_mode(self) -> str | None:
-        """None: a LoRA file; "lora": merge what the runtime could take as LoRA; "all": everything exact."""
-        if not self.merge_lora:
-            return None
-        return "all" if self.merge_unsupported else "lora"
+        return merge_mode(self.merge_lora, self.merge_unsupported)
 
     @property
     def output_path(self) -> Path:

@@ -25,10 +25,7 @@ class MergedSource(TensorSource):
     def __init__(self, base: TensorSource, adapter: TensorSource, merges: tuple[TensorMerge, ...]):
         super().__init__(base.infos)
         self.base, self.adapter = base, adapter
-        names = {canonical(name): name for name in base.names()}
-        missing = [m.target for m in merges if m.target not in names]
-        if missing:
-            raise ConversionError(f"the base checkpoint has no {', '.join(missing)} for the adapter to merge into")
+        names = {canonical(name): name for name in base.names()}  # plan_base made sure every target is there
         self.merges: dict[str, TensorMerge] = {names[m.target]: m for m in merges}
         self._factors: tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 

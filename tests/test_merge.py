@@ -90,6 +90,9 @@ CASES = {  # name: (LoraConfig arguments, tweak, needs --merge-unsupported)
     "embedding LoRA, tied as PEFT ties it": (
         dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True),
         scale_params("lora_embedding_B", 0.02, 0.05), True),
+    "modules_to_save embedding, tied as PEFT ties it": (
+        dict(r=8, lora_alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+        scale_params("modules_to_save", -0.05, 0.05, add=True), True),
     "modules_to_save norms": (dict(r=8, lora_alpha=16, target_modules=["q_proj"], modules_to_save=["norm"]),
                               scale_params("modules_to_save", -0.5, 0.5, add=True), True),
 }
@@ -110,12 +113,25 @@ def test_int8_merge_stays_within_the_harness_bound(tmp_path):
     assert_matches_peft(merged_logits(tmp_path, adapter, "int8"), adapter, BOUNDS["int8"])
 
 
-def test_untied_embedding_lora_is_refused_because_peft_changes_the_lookup_only(tmp_path):
-    adapter = make_adapter(tmp_path / "adapter", r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"])
-    # The reason, shown with PEFT itself: its forward and its own merge_and_unload differ here.
+UNTIED = {"embedding LoRA": dict(target_modules=["embed_tokens", "q_proj"]),
+          "modules_to_save embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])}
+
+
+@pytest.mark.parametrize("case", UNTIED)
+def test_untied_embedding_change_is_refused_because_peft_changes_the_lookup_only(case, tmp_path):
+    adapter = make_adapter(tmp_path / "adapter", scale_params("modules_to_save", -0.05, 0.05, add=True), r=8,
+                           lora_alpha=16, **UNTIED[case])
+    # The reason: PEFT's forward differs from the model whose one tied tensor holds PEFT's merged embedding.
+    from transformers import AutoModelForCausalLM
+
     model = peft_model(adapter)
     forward = logits(model)
-    assert (logits(model.merge_and_unload()) - forward).abs().max() > 1e-3
+    embedding = model.merge_and_unload().get_input_embeddings().weight
+    tied = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32).eval()
+    with torch.no_grad():
+        tied.get_input_embeddings().weight.copy_(embedding)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert (logits(tied) - forward).abs().max() > 1e-3
     with pytest.raises(ConversionError, match="embed_tokens: GEMMA_2B uses one tensor .* ensure_weight_tying"):
         merged_logits(tmp_path, adapter)
 
