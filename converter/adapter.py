@@ -3,23 +3,44 @@
 PEFT stores `lora_A` as `[r, in]` and `lora_B` as `[out, r]` and computes
 `W x + scale * B (A x)` with `scale = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
 The runtime never reads alpha, so the scale is folded into B when the file is written.
+
+Every tensor of an adapter is one of: a LoRA half of a linear module, an embedding LoRA half
+(`lora_embedding_A` `[r, vocab]`, `lora_embedding_B` `[hidden, r]`), a DoRA magnitude vector,
+or a full replacement of a base tensor (`modules_to_save`, and the `base_layer.weight` copies
+PEFT saves next to embedding LoRA). Only linear LoRA on the family's runtime targets can ship
+as a LoRA file; everything else can only be merged into the base (converter/merge.py).
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from .checkpoint import TensorSource, open_tensor_file
 from .errors import ConversionError
 from .files import read_json_object
-from .models.base import Dims, ModelFamily
+from .models.base import Dims, ModelFamily, Role, dims_from_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (".default" optional)
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)*layers\.(\d+)\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
+MERGE_FLAGS = "--merge-lora --merge-unsupported"
+MergeMode = Literal["lora", "all"]  # --merge-lora alone / with --merge-unsupported
+# Tensor kinds by key suffix, tried in order on the key without `base_model.model.` and `.default`.
+KEY_KINDS = (
+    ("A", re.compile(r"^(.+)\.lora_A\.weight$")),
+    ("B", re.compile(r"^(.+)\.lora_B\.weight$")),
+    ("embedding_A", re.compile(r"^(.+)\.lora_embedding_A$")),
+    ("embedding_B", re.compile(r"^(.+)\.lora_embedding_B$")),
+    ("magnitude", re.compile(r"^(.+)\.lora_magnitude_vector(?:\.weight)?$")),
+    ("base_layer", re.compile(r"^(.+)\.base_layer\.weight$")),
+    ("full", re.compile(r"^(.+)\.weight$")),
+)
+LAYER_MODULE = re.compile(r"^layers\.(\d+)\.(.+)$")
+COMPARE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -33,11 +54,31 @@ class LoraPair:
 
 
 @dataclass(frozen=True)
+class TensorMerge:
+    """How one base tensor changes when the adapter is merged into it (PEFT's merge, per tensor):
+    replaced by `replacement`, then `+ scale * B @ A` (embedding LoRA: `(B @ A).T`), then, for
+    DoRA, each output row rescaled to its magnitude."""
+
+    target: str  # canonical base tensor name, e.g. "layers.0.self_attn.q_proj.weight"
+    what: str  # "LoRA", "DoRA", "embedding LoRA", "replaced", ... (messages, --dry-run)
+    runtime_lora: bool  # could ship as a LoRA file; everything else needs --merge-unsupported
+    a_key: str | None = None
+    b_key: str | None = None
+    rank: int = 0
+    scale: float = 0.0
+    embedding: bool = False
+    magnitude: str | None = None
+    replacement: str | None = None
+
+
+@dataclass(frozen=True)
 class LoraAdapter:
     source: TensorSource | None
     path: Path
     rank: int  # the largest module rank; smaller ones are zero-padded to it
-    pairs: tuple[LoraPair, ...]
+    pairs: tuple[LoraPair, ...]  # the LoRA file's modules (empty when merging)
+    merges: tuple[TensorMerge, ...] = ()  # the base tensors merging changes (empty unless merging)
+    notes: tuple[str, ...] = field(default=())  # warnings for the user (base model name differs)
 
 
 def pattern_value(pattern: dict, module_name: str, default):
@@ -46,6 +87,28 @@ def pattern_value(pattern: dict, module_name: str, default):
         if re.match(rf"(.*\.)?{key}$", module_name):
             return value
     return default
+
+
+def canonical(name: str) -> str:
+    """A tensor or module name without PEFT's wrappers and leading `model.`s (base and adapter alike)."""
+    name = name.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+    while name.startswith("model."):
+        name = name[len("model."):]
+    return name
+
+
+def base_tensors(family: ModelFamily, dims: Dims) -> dict[str, tuple[tuple[int, ...], Role]]:
+    """Canonical name -> (shape, role) of every tensor the family's base checkpoint holds."""
+    tensors = {canonical(rule.hf): (dims.shape(rule.shape), rule.role) for rule in family.head + family.tail}
+    for layer in range(dims.num_layers):
+        prefix = family.layer_prefix.format(i=layer)
+        tensors.update({canonical(prefix + rule.hf): (dims.shape(rule.shape), rule.role) for rule in family.layer})
+    return tensors
+
+
+def tied_output(family: ModelFamily) -> bool:
+    """Whether the embedding doubles as the output projection (no lm_head tensor of its own)."""
+    return "lm_head.weight" not in {canonical(rule.hf) for rule in family.head + family.tail}
 
 
 def _adapter_files(path: Path) -> tuple[Path, dict | None]:
@@ -64,73 +127,283 @@ def _adapter_files(path: Path) -> tuple[Path, dict | None]:
     raise ConversionError(f"{path}: LoRA adapter not found")
 
 
+def _group_keys(source: TensorSource, file: Path) -> dict[str, dict[str, str]]:
+    """Module path (canonical) -> {kind: key}; unknown keys are refused, listed."""
+    modules: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in source.names():
+        plain = key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+        for kind, pattern in KEY_KINDS:
+            match = pattern.match(plain)
+            if match:
+                modules.setdefault(canonical(match.group(1)), {})[kind] = key
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(f"{file}: tensors that are not LoRA weights or base-model tensors: {_shown(unknown)}")
+    if not modules:
+        raise ConversionError(f"{file}: no LoRA tensors found")
+    return modules
+
+
+def where(module: str) -> str:
+    """A module for messages: "layer 3 self_attn.q_proj", or its name outside the layers."""
+    match = LAYER_MODULE.match(module)
+    return f"layer {match.group(1)} {match.group(2)}" if match else module
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+class _Reader:
+    """Reads one adapter against one base: shapes, ranks and scales, one module at a time."""
+
+    def __init__(self, source: TensorSource, file: Path, config: dict, family: ModelFamily, dims: Dims,
+                 model_type: str):
+        self.source, self.file, self.config = source, file, config
+        self.family, self.dims, self.model_type = family, dims, model_type
+        self.base = base_tensors(family, dims)
+        self.alpha = float(config.get("lora_alpha", config.get("r") or 0)) or None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.source.info(key).shape)
+
+    def fail(self, message: str) -> ConversionError:
+        return ConversionError(f"{self.file}: {message}")
+
+    def rank_and_scale(self, module: str, peft_name: str, a_key: str) -> tuple[int, float]:
+        rank = self.shape(a_key)[0]
+        config_rank = pattern_value(self.config.get("rank_pattern") or {}, peft_name, self.config.get("r"))
+        if config_rank is not None and config_rank != rank:
+            raise self.fail(f"{where(module)}: adapter_config.json says r={config_rank} but the tensors have "
+                            f"rank {rank}")
+        alpha = float(pattern_value(self.config.get("alpha_pattern") or {}, peft_name,
+                                    self.alpha if self.alpha is not None else rank))
+        return rank, alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+
+    def check_halves(self, module: str, keys: dict[str, str], a: str, b: str) -> None:
+        for half, other in ((a, b), (b, a)):
+            if half not in keys:
+                raise self.fail(f"{where(module)}: lora_{half.removeprefix('embedding_')} is missing "
+                                f"(found only {keys[other]})")
+
+    def linear(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Check a linear LoRA's halves against its base weight `[out, in]`; returns (in, out)."""
+        self.check_halves(module, keys, "A", "B")
+        out_features, in_features = target_shape
+        a_shape, b_shape = self.shape(keys["A"]), self.shape(keys["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_features or b_shape[0] != out_features \
+                or a_shape[0] != b_shape[1]:
+            raise self.fail(f"{where(module)}: {keys['A']} {list(a_shape)} / {keys['B']} {list(b_shape)} do "
+                            f"not fit the base (expected [r, {in_features}] and [{out_features}, r])")
+        if "magnitude" in keys and self.shape(keys["magnitude"]) != (out_features,):
+            raise self.fail(f"{keys['magnitude']} has shape {list(self.shape(keys['magnitude']))}, "
+                            f"expected [{out_features}]")
+        return in_features, out_features
+
+    def embedding(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> None:
+        self.check_halves(module, keys, "embedding_A", "embedding_B")
+        rows, cols = target_shape
+        a_shape, b_shape = self.shape(keys["embedding_A"]), self.shape(keys["embedding_B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != rows or b_shape[0] != cols \
+                or a_shape[0] != b_shape[1]:
+            raise self.fail(f"{module}: {keys['embedding_A']} {list(a_shape)} / {keys['embedding_B']} "
+                            f"{list(b_shape)} do not fit the base (expected [r, {rows}] and [{cols}, r])")
+
+    def replacement(self, key: str, target: str) -> None:
+        want = self.base[target][0]
+        if self.shape(key) != want:
+            raise self.fail(f"{key} has shape {list(self.shape(key))}, expected {list(want)} like the base's {target}")
+
+
+def _equal(source: TensorSource, first: str, second: str, transpose: bool = False) -> bool:
+    """Whether two adapter tensors hold the same values (the second transposed), read in row chunks."""
+    shape = source.info(first).shape
+    if transpose:
+        with source.rows(first, 0, shape[0]) as a, source.rows(second, 0, source.info(second).shape[0]) as b:
+            return a.shape == b.t().shape and bool(torch.equal(a.float(), b.float().t()))
+    if source.info(second).shape != shape:
+        return False
+    for start in range(0, shape[0], COMPARE_ROWS):
+        stop = min(start + COMPARE_ROWS, shape[0])
+        with source.rows(first, start, stop) as a, source.rows(second, start, stop) as b:
+            if not torch.equal(a.float(), b.float()):
+                return False
+    return True
+
+
+def _embedding_target(family: ModelFamily) -> str:
+    return next(canonical(rule.hf) for rule in family.head if rule.role is Role.EMBEDDING)
+
+
+def _merges(reader: _Reader, modules: dict[str, dict[str, str]], dora: bool) -> list[TensorMerge]:
+    """What merging changes in the base, module by module; refuses what cannot be merged exactly."""
+    if tied_output(reader.family) and "lm_head" in modules:
+        embedding = _embedding_target(reader.family).removesuffix(".weight")
+        _check_tied_copy(reader, modules.pop("lm_head"), modules.get(embedding))
+    return [_module_merge(reader, module, keys, dora) for module, keys in sorted(modules.items())]
+
+
+def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool) -> TensorMerge:
+    """One module's change to its base tensor `<module>.weight`, checked against the base."""
+    family, base, target = reader.family, reader.base, module + ".weight"
+    layer = LAYER_MODULE.match(module)
+    if layer and int(layer.group(1)) >= reader.dims.num_layers:
+        raise reader.fail(f"{where(module)}: layer index beyond the base model's {reader.dims.num_layers} layers")
+    linear, embedding = "A" in keys or "B" in keys, "embedding_A" in keys or "embedding_B" in keys
+    if target not in base and not (linear or embedding):
+        raise reader.fail(f"tensors that are not LoRA weights or base-model tensors: {_shown(list(keys.values()))}")
+    if target not in base or ((linear or embedding) and len(base[target][0]) != 2):
+        supported = ", ".join(r.hf_module for r in family.lora) or "none"
+        raise reader.fail(f"{where(module)}: LoRA on {module} is not supported for {reader.model_type} "
+                          f"(supported targets: {supported})")
+    if tied_output(family) and target == _embedding_target(family) and not reader.config.get("ensure_weight_tying"):
+        raise reader.fail(
+            f"{module}: {reader.model_type} uses one tensor for the embedding and the output layer, but PEFT "
+            f"applies this adapter's {module} change to the input lookup only (ensure_weight_tying is not set), "
+            f"so it cannot be merged exactly; train with ensure_weight_tying=True"
+        )
+    if "base_layer" in keys and "full" in keys:
+        raise reader.fail(f"{keys['base_layer']} and {keys['full']} both replace {target}")
+    replacement = keys.get("base_layer", keys.get("full"))
+    if replacement is not None:
+        reader.replacement(replacement, target)
+    shape = base[target][0]
+    if "magnitude" in keys and embedding:
+        raise reader.fail(f"{module}: DoRA on the embedding is not supported")
+    if "magnitude" in keys and not linear:
+        raise reader.fail(f"{keys['magnitude']}: DoRA magnitude without LoRA halves")
+    if linear:
+        if dora and "magnitude" not in keys:
+            raise reader.fail(f"{where(module)}: use_dora is set but lora_magnitude_vector is missing")
+        reader.linear(module, keys, shape)
+        rank, scale = reader.rank_and_scale(module, _peft_name(keys["A"]), keys["A"])
+        what = "DoRA" if "magnitude" in keys else "LoRA"
+        runtime = layer is not None and family.lora_rule(layer.group(2)) is not None
+        return TensorMerge(target, what, runtime and what == "LoRA" and replacement is None, keys["A"], keys["B"],
+                           rank, scale, magnitude=keys.get("magnitude"), replacement=replacement)
+    if embedding:
+        reader.embedding(module, keys, shape)
+        rank, scale = reader.rank_and_scale(module, _peft_name(keys["embedding_A"]), keys["embedding_A"])
+        return TensorMerge(target, "embedding LoRA", False, keys["embedding_A"], keys["embedding_B"], rank, scale,
+                           embedding=True, replacement=replacement)
+    return TensorMerge(target, "modules_to_save replacement", False, replacement=replacement)
+
+
+def _peft_name(key: str) -> str:
+    """The module name PEFT matches rank_pattern / alpha_pattern against."""
+    plain = key.removeprefix("base_model.model.").replace(".default.", ".")
+    return plain.rsplit(".lora_", 1)[0]
+
+
+def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str] | None) -> None:
+    """lm_head parts on a tied model are exact only as PEFT's tied copies of the embedding's."""
+    model_type = reader.model_type
+    if not reader.config.get("ensure_weight_tying") or embed is None:
+        raise reader.fail(f"{_shown(sorted(head.values()))}: {model_type} uses one tensor for the embedding and "
+                          f"the output layer, so an adapter that changes lm_head alone cannot be applied or merged "
+                          f"exactly")
+    copies = [("A", "embedding_B", True), ("B", "embedding_A", True), ("base_layer", "base_layer", False),
+              ("full", "full", False)]
+    for kind, embed_kind, transpose in copies:
+        if kind in head and (embed_kind not in embed or not _equal(reader.source, head[kind], embed[embed_kind],
+                                                                   transpose)):
+            raise reader.fail(f"{head[kind]} is not the tied copy of the embedding's adapter tensors "
+                              f"({model_type} uses one tensor for both), so it cannot be merged exactly")
+    unknown = set(head) - {kind for kind, _, _ in copies}
+    if unknown:
+        raise reader.fail(f"{', '.join(head[k] for k in sorted(unknown))}: lm_head DoRA cannot be merged on "
+                          f"{model_type}")
+
+
+def _runtime_pairs(reader: _Reader, merges: list[TensorMerge]) -> list[LoraPair]:
+    """The LoRA file's modules; parts only merging can apply are refused, naming the flags."""
+    pairs = []
+    for merge in merges:
+        module = merge.target.removesuffix(".weight")
+        if not merge.runtime_lora:
+            raise reader.fail(f"{where(module)}: the {reader.model_type} runtime cannot apply this "
+                              f"{merge.what}; merge it into the base weights with {MERGE_FLAGS}")
+        layer = LAYER_MODULE.match(module)
+        pairs.append(LoraPair(int(layer.group(1)), layer.group(2), merge.a_key, merge.b_key, merge.rank, merge.scale))
+    return pairs
+
+
+def base_model_notes(config: dict, config_file: Path, family: ModelFamily, dims: Dims,
+                     base_config: dict | None) -> tuple[str, ...]:
+    """Compare `base_model_name_or_path` with the base: a local folder whose config.json disagrees is
+    refused; a differing name is only a note (hub ids and local paths legitimately differ)."""
+    name = config.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        return ()
+    folder = Path(name).expanduser()
+    their_config = folder / "config.json"
+    if their_config.is_file():
+        theirs = read_json_object(their_config)
+        their_type = theirs.get("model_type")
+        if their_type is not None and their_type not in family.hf_model_types:
+            raise ConversionError(f"{config_file}: base_model_name_or_path {name} is a {their_type!r} model, "
+                                  f"the base checkpoint is {' or '.join(family.hf_model_types)}")
+        their_dims = dims_from_config(family, theirs, str(their_config))
+        if their_dims != dims:
+            raise ConversionError(f"{config_file}: the adapter was trained on {name} ({their_dims.describe()}), "
+                                  f"the base checkpoint has {dims.describe()}")
+        return ()
+    ours = (base_config or {}).get("_name_or_path")
+    if isinstance(ours, str) and ours and _short(ours) != _short(name):
+        return (f"{config_file} names base model {name!r}, the checkpoint's config.json says {ours!r}; "
+                f"the shapes fit, converting anyway",)
+    return ()
+
+
+def _short(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
 def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: str,
-                 max_adapter_mb: float | None = None) -> LoraAdapter:
-    """Read and check an adapter against the base model's family and dimensions."""
+                 max_adapter_mb: float | None = None, merge: MergeMode | None = None,
+                 base_config: dict | None = None) -> LoraAdapter:
+    """Read and check an adapter against the base model's family and dimensions.
+
+    Without `merge`, the result's `pairs` are the LoRA file's modules; with it, `merges` says what
+    changes in the base (`"lora"`: only what could ship as LoRA, `"all"`: everything exact).
+    """
     path = Path(path)
     file, config = _adapter_files(path)
+    config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
     config = config or {}
-    if config.get("use_dora"):
-        raise ConversionError(f"{path}: DoRA adapters (use_dora) cannot run as LoRA on the runtime")
+    dora = bool(config.get("use_dora"))
+    if dora and merge != "all":
+        raise ConversionError(f"{path}: DoRA adapters (use_dora) cannot run as LoRA on the runtime; merge it into "
+                              f"the base weights with {MERGE_FLAGS}")
     adapter_type = config.get("model_type")  # Workers-AI style configs name the base architecture
     if adapter_type is not None and adapter_type not in family.hf_model_types:
         raise ConversionError(f"{path}: adapter_config.json says model_type {adapter_type!r}, but {model_type} is "
                               f"{' or '.join(repr(t) for t in family.hf_model_types)}")
+    notes = base_model_notes(config, config_file, family, dims, base_config)
     if max_adapter_mb is not None and file.stat().st_size > max_adapter_mb * 2**20:
         raise ConversionError(f"{file}: {file.stat().st_size / 2**20:.1f} MB is above --max-adapter-mb {max_adapter_mb}")
     source = open_tensor_file(file)
-    halves: dict[tuple[int, str], dict[str, str]] = {}
-    unknown = []
-    for key in source.names():
-        match = LORA_KEY.match(key)
-        if not match:
-            unknown.append(key)
-            continue
-        layer, module, half = int(match.group(1)), match.group(2), match.group(3)
-        halves.setdefault((layer, module), {})[half] = key
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise ConversionError(f"{file}: tensors that are not LoRA A/B weights of a layer: {shown}")
-    if not halves:
-        raise ConversionError(f"{file}: no LoRA tensors found")
-
-    alpha = float(config.get("lora_alpha", config.get("r") or 0)) or None
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    pairs = []
-    for (layer, module), pair in sorted(halves.items()):
-        where = f"{file}: layer {layer} {module}"
-        rule = family.lora_rule(module)
-        if rule is None:
-            supported = ", ".join(r.hf_module for r in family.lora)
-            raise ConversionError(
-                f"{where}: LoRA on {module} is not supported for {model_type} (supported targets: {supported})"
-            )
-        if layer >= dims.num_layers:
-            raise ConversionError(f"{where}: layer index beyond the base model's {dims.num_layers} layers")
-        for half in "AB":
-            if half not in pair:
-                raise ConversionError(f"{where}: lora_{half} is missing (found only lora_{'B' if half == 'A' else 'A'})")
-        a_shape = source.info(pair["A"]).shape
-        b_shape = source.info(pair["B"]).shape
-        in_features, out_features = getattr(dims, rule.in_features), getattr(dims, rule.out_features)
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_features or b_shape[0] != out_features \
-                or a_shape[0] != b_shape[1]:
-            raise ConversionError(
-                f"{where}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit the base "
-                f"(expected [r, {in_features}] and [{out_features}, r])"
-            )
-        rank = a_shape[0]
-        name = f"model.layers.{layer}.{module}"
-        config_rank = pattern_value(rank_pattern, name, config.get("r"))
-        if config_rank is not None and config_rank != rank:
-            raise ConversionError(f"{where}: adapter_config.json says r={config_rank} but the tensors have rank {rank}")
-        module_alpha = float(pattern_value(alpha_pattern, name, alpha if alpha is not None else rank))
-        scale = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        pairs.append(LoraPair(layer, module, pair["A"], pair["B"], rank, scale))
-    rank = max(p.rank for p in pairs)
-    present = {(p.layer, p.module) for p in pairs}
-    pairs += [LoraPair(layer, module, None, None, rank, 0.0) for layer in range(dims.num_layers)
-              for module in family.required_lora if (layer, module) not in present]
-    order = {rule.hf_module: i for i, rule in enumerate(family.lora)}
-    pairs.sort(key=lambda p: (p.layer, order[p.module]))
-    return LoraAdapter(source, path, rank, tuple(pairs))
+    try:
+        reader = _Reader(source, file, config, family, dims, model_type)
+        merges = _merges(reader, _group_keys(source, file), dora)
+        rank = max((m.rank for m in merges), default=0)
+        if merge is not None:
+            refused = [m for m in merges if not m.runtime_lora] if merge == "lora" else []
+            if refused:
+                module = refused[0].target.removesuffix(".weight")
+                raise reader.fail(f"{where(module)}: the {model_type} runtime cannot apply this "
+                                  f"{refused[0].what}, so --merge-lora alone does not merge it; use {MERGE_FLAGS}")
+            return LoraAdapter(source, path, rank, (), tuple(merges), notes)
+        pairs = _runtime_pairs(reader, merges)
+        present = {(p.layer, p.module) for p in pairs}
+        pairs += [LoraPair(layer, module, None, None, rank, 0.0) for layer in range(dims.num_layers)
+                  for module in family.required_lora if (layer, module) not in present]
+        order = {rule.hf_module: i for i, rule in enumerate(family.lora)}
+        pairs.sort(key=lambda p: (p.layer, order[p.module]))
+        return LoraAdapter(source, path, rank, tuple(pairs), (), notes)
+    except BaseException:
+        source.close()
+        raise

@@ -9,13 +9,19 @@ from . import config as options
 from .config import ConversionConfig
 from .convert import execute
 from .errors import ConversionError
+from .merge import MergedSource
 from .models import FAMILIES, model_type_names
 from .models.base import ModelFamily, ModelType
 from .plan import ConversionPlan, make_plan
 
 
 def print_plan(plan: ConversionPlan) -> None:
-    """One line per output tensor: input, output, input shape, dtype, encoding, bytes."""
+    """One line per output tensor: input (`+ LoRA` etc. where an adapter is merged into it), output,
+    input shape, dtype, encoding, bytes."""
+    merged = plan.source.inner  # the checkpoint under the fused-tensor splitter
+    merges = merged.merges if isinstance(merged, MergedSource) else {}
+    if merges:
+        click.echo(f"# merging {plan.config.lora_ckpt} into {len(merges)} base tensors; no LoRA file")
     sections = [(plan.config.output_path, plan.base)]
     if plan.lora is not None:
         sections.append((plan.config.lora_output_path, plan.lora))
@@ -26,12 +32,18 @@ def print_plan(plan: ConversionPlan) -> None:
         for item in items:
             shape = "x".join(map(str, item.shape))
             for spec in item.outputs:
-                click.echo(f"{item.source or '(zeros)':60} {spec.name:72} {shape:>14} {item.dtype:>9} "
+                source = item.source or "(zeros)"
+                merge = merges.get((item.source or "").split("[", 1)[0])  # a fused tensor's slice: "name[0:3]"
+                if merge is not None:
+                    source += f" + {merge.what}"
+                click.echo(f"{source:60} {spec.name:72} {shape:>14} {item.dtype:>9} "
                            f"{item.encoding:>8} {spec.nbytes:>13,}")
 
 
-def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, max_adapter_mb: float | None) -> None:
-    """Validate an adapter against the model type (and base config.json) and print what would be written."""
+def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, max_adapter_mb: float | None,
+                        merge_mode: str | None) -> None:
+    """Validate an adapter against the model type (and base config.json) and print what would be
+    written to the LoRA file, or, when merging, which base tensors change and how."""
     from pathlib import Path
 
     from .adapter import load_adapter
@@ -39,8 +51,18 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
     from .plan import resolve_dims
 
     family, kind = find_model_type(model_type)
-    dims = resolve_dims(family, kind, Path(input_ckpt))[0] if input_ckpt else kind.reference
-    loaded = load_adapter(adapter, family, dims, kind.name, max_adapter_mb)
+    dims, base_config = resolve_dims(family, kind, Path(input_ckpt)) if input_ckpt else (kind.reference, {})
+    loaded = load_adapter(adapter, family, dims, kind.name, max_adapter_mb, merge_mode, base_config)
+    loaded.source.close()
+    for note in loaded.notes:
+        click.echo(f"warning: {note}", err=True)
+    if merge_mode is not None:
+        click.echo(f"{adapter}: merged into {len(loaded.merges)} base tensors of {kind.name} ({dims.describe()}); "
+                   f"no LoRA file")
+        for merge in loaded.merges:
+            how = f"rank {merge.rank}, scale {merge.scale:g}" if merge.a_key else "whole tensor"
+            click.echo(f"{merge.target:40} <- {merge.what} ({how})")
+        return
     click.echo(f"{adapter}: rank {loaded.rank}, {len(loaded.pairs)} LoRA modules for {kind.name} ({dims.describe()})")
     for pair in loaded.pairs:
         rule = family.lora_rule(pair.module)
@@ -100,13 +122,20 @@ def print_models(ctx: click.Context, _option, value: bool) -> None:
 @click.option("--check-adapter", default=None, metavar="ADAPTER",
               help="Only validate this adapter against --model-type (and --input-ckpt's config.json) and "
                    "print what would be written.")
+@click.option("--merge-lora", is_flag=True,
+              help="Fold the adapter into the base weights (PEFT's merge_and_unload, per tensor in float32) and "
+                   "write one base file, no LoRA file.")
+@click.option("--merge-unsupported", is_flag=True,
+              help="With --merge-lora: also merge what the runtime cannot take as LoRA (DoRA, embedding LoRA, "
+                   "modules_to_save tensors, targets outside the runtime's LoRA set).")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:
     """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
     if check_adapter:
         try:
-            print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"])
+            print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"],
+                                options.merge_mode(kwargs["merge_lora"], kwargs["merge_unsupported"]))
         except ConversionError as exc:
             fail(exc)
         return
@@ -118,7 +147,9 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
     except ConversionError as exc:
         fail(exc)
     try:
-        if plan.adapter is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:
+        for note in plan.adapter.notes if plan.adapter is not None else ():
+            click.echo(f"warning: {note}", err=True)
+        if plan.lora is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:
             click.echo(f"note: zero-padding the rank-{plan.adapter.rank} adapter to rank {plan.config.lora_rank}",
                        err=True)
         if dry_run:

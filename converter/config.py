@@ -18,6 +18,16 @@ LORA_SCALINGS = ("peft", "raw")
 MAX_LORA_RANK = 64  # our default bound; ranks the GPU runtime was seen to take (8, 16) are far below
 
 
+def merge_mode(merge_lora: bool, merge_unsupported: bool) -> str | None:
+    """None: write a LoRA file; "lora": merge what the runtime could take as LoRA; "all": merge
+    everything that can be merged exactly (--merge-unsupported)."""
+    if merge_unsupported and not merge_lora:
+        raise ConversionError("--merge-unsupported only applies with --merge-lora")
+    if not merge_lora:
+        return None
+    return "all" if merge_unsupported else "lora"
+
+
 @dataclass(frozen=True)
 class ConversionConfig:
     input_ckpt: str | Path
@@ -35,6 +45,8 @@ class ConversionConfig:
     lora_scaling: str | None = None
     max_rank: int = MAX_LORA_RANK
     max_adapter_mb: float | None = None
+    merge_lora: bool = False
+    merge_unsupported: bool = False
 
     def __post_init__(self) -> None:
         if self.ckpt_format not in CKPT_FORMATS:
@@ -47,7 +59,8 @@ class ConversionConfig:
             raise ConversionError(f"--quantization {self.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
         if self.lora_scaling is not None and self.lora_scaling not in LORA_SCALINGS:
             raise ConversionError(f"--lora-scaling {self.lora_scaling!r}: expected one of {', '.join(LORA_SCALINGS)}")
-        if (self.lora_ckpt is None) != (self.lora_rank is None):
+        self._check_merge_options()
+        if not self.merge_lora and (self.lora_ckpt is None) != (self.lora_rank is None):
             raise ConversionError("--lora-ckpt and --lora-rank must be given together")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise ConversionError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
@@ -58,6 +71,23 @@ class ConversionConfig:
         if Path(self.output_dir).is_file():
             raise ConversionError(f"--output-dir {self.output_dir} is an existing file, expected a folder")
 
+    def _check_merge_options(self) -> None:
+        if merge_mode(self.merge_lora, self.merge_unsupported) is None:
+            return
+        if self.lora_ckpt is None:
+            raise ConversionError("--merge-lora needs --lora-ckpt (the adapter to merge)")
+        for option, value in (("--lora-rank", self.lora_rank), ("--lora-output-tflite-file", self.lora_output_tflite_file)):
+            if value is not None:
+                raise ConversionError(f"--merge-lora folds the adapter into the base file and writes no LoRA file; "
+                                      f"drop {option}")
+        if self.mediapipe_compat or self.lora_scaling == "raw":
+            raise ConversionError("--merge-lora merges what PEFT computes (alpha / r included); it cannot be combined "
+                                  "with --mediapipe-compat or --lora-scaling raw")
+
+    @property
+    def merge_mode(self) -> str | None:
+        return merge_mode(self.merge_lora, self.merge_unsupported)
+
     @property
     def output_path(self) -> Path:
         """Base weights file; MediaPipe's default is `<output_dir>/model.tflite`."""
@@ -65,7 +95,7 @@ class ConversionConfig:
 
     @property
     def lora_output_path(self) -> Path | None:
-        if self.lora_ckpt is None:
+        if self.lora_ckpt is None or self.merge_lora:
             return None
         if self.lora_output_tflite_file:
             return Path(self.lora_output_tflite_file)

@@ -14,6 +14,7 @@ from .checkpoint import TensorSource, open_checkpoint
 from .config import ConversionConfig
 from .errors import ConversionError
 from .files import read_json_object
+from .merge import MergedSource
 from .models import find_model_type, lora_model_type_names
 from .tokenizer import load_tokenizer
 from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
@@ -236,15 +237,21 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
     parameters = family.parameters(dims, hf_config).SerializeToString()
     tokenizer = read_tokenizer(Path(config.vocab_model_file), dims.vocab_size)
     source = SplittingSource(open_checkpoint(checkpoint, config.ckpt_format))
+    plan = None
     try:
         base = plan_base(family, dims, source, config.quantization)
         plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
-        if config.lora_ckpt is not None:
+        if config.lora_ckpt is not None and config.merge_lora:
+            plan.adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
+                                        config.merge_mode, hf_config)
+            source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges)
+        elif config.lora_ckpt is not None:
             if not family.lora or not model_type.lora:
-                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe supports LoRA "
+                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "
                                       f"only for {', '.join(lora_model_type_names())}; merge the adapter into the "
-                                      "base checkpoint first")
-            adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb)
+                                      "base weights with --merge-lora --merge-unsupported")
+            adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
+                                   base_config=hf_config)
             plan.adapter = adapter
             if config.lora_rank < adapter.rank:
                 raise ConversionError(
@@ -256,5 +263,7 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
                                   config.effective_lora_scaling == "peft")
     except BaseException:
         source.close()
+        if plan is not None and plan.adapter is not None:
+            plan.adapter.source.close()
         raise
     return plan

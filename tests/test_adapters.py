@@ -121,7 +121,7 @@ def refusal(tmp_path: Path, adapter: Path, *extra) -> str:
 
 def test_refusals(tmp_path):
     dora = make_adapter(tmp_path / "dora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True)
-    assert "DoRA" in refusal(tmp_path, dora, "--lora-rank", 8)
+    assert "DoRA" in (line := refusal(tmp_path, dora, "--lora-rank", 8)) and "--merge-lora --merge-unsupported" in line
     plain = make_adapter(tmp_path / "plain", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     assert "--max-rank 4" in refusal(tmp_path, plain, "--lora-rank", 8, "--max-rank", 4)
     assert "--max-adapter-mb 0.001" in refusal(tmp_path, plain, "--lora-rank", 8, "--max-adapter-mb", 0.001)

@@ -88,6 +88,16 @@ def pytorch_legacy(ckpt, lora):
     (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
 
 
+def both(*edits):
+    def edit(ckpt, lora):
+        for one in edits:
+            one(ckpt, lora)
+    return edit
+
+
+MERGE_ARGS = ("--lora-ckpt", "{lora}", "--merge-lora", "--merge-unsupported")
+PREFIX = "base_model.model.model."
+
 CASES = {
     # name: (edit, extra CLI args, words the message must contain)
     "missing checkpoint": (None, ("--input-ckpt", "{tmp}/nowhere"), ["nowhere", "not found"]),
@@ -121,13 +131,47 @@ CASES = {
     "lora on unsupported target": (
         add_tensor("base_model.model.model.layers.0.input_layernorm.lora_A.weight", torch.zeros(8, 64), "lora"),
         LORA_ARGS, ["input_layernorm", "not supported", "GEMMA_2B"]),
-    "lora unknown key": (add_tensor("base_model.model.lm_head.weight", torch.zeros(4), "lora"), LORA_ARGS,
-                         ["lm_head.weight", "not LoRA"]),
+    "lora unknown key": (add_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight", torch.zeros(4),
+                                    "lora"), LORA_ARGS, ["q_proj.lora_C.weight", "not LoRA"]),
+    "lm_head on a tied model": (add_tensor("base_model.model.lm_head.weight", torch.zeros(512, 64), "lora"), LORA_ARGS,
+                                ["lm_head.weight", "one tensor for the embedding and the output"]),
     "lora for another model": (lora_from_other_model, LORA_ARGS, ["q_proj", "[8, 128]", "[r, 64]"]),
     "lora beyond last layer": (
         add_tensor("base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight", torch.zeros(8, 64), "lora"),
         LORA_ARGS, ["layer 7", "2 layers"]),
     "DoRA": (adapter_config(use_dora=True), LORA_ARGS, ["DoRA"]),
+    "merge with a LoRA output file": (None, ("--lora-ckpt", "{lora}", "--merge-lora", "--lora-output-tflite-file",
+                                            "{tmp}/out/lora.bin"), ["--merge-lora", "drop --lora-output-tflite-file"]),
+    "merge with a LoRA rank": (None, ("--lora-ckpt", "{lora}", "--merge-lora", "--lora-rank", "8"),
+                               ["--merge-lora", "drop --lora-rank"]),
+    "merge-unsupported alone": (None, (*LORA_ARGS, "--merge-unsupported"), ["--merge-unsupported", "--merge-lora"]),
+    "merge without an adapter": (None, ("--merge-lora",), ["--merge-lora", "--lora-ckpt"]),
+    "merge in MediaPipe compat mode": (None, ("--lora-ckpt", "{lora}", "--merge-lora", "--mediapipe-compat"),
+                                       ["--merge-lora", "--mediapipe-compat"]),
+    "Inf in a merged adapter": (inf_lora, MERGE_ARGS, ["k_proj.lora_B", "Inf"]),
+    "DoRA magnitude of another shape": (
+        add_tensor(PREFIX + "layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(32), "lora"), MERGE_ARGS,
+        ["q_proj.lora_magnitude_vector", "[32]", "[64]"]),
+    "use_dora without magnitudes": (adapter_config(use_dora=True), MERGE_ARGS,
+                                    ["use_dora", "lora_magnitude_vector is missing"]),
+    "modules_to_save tensor of another shape": (add_tensor(PREFIX + "norm.weight", torch.zeros(32), "lora"), MERGE_ARGS,
+                                                ["model.norm.weight", "[32]", "[64]"]),
+    "embedding LoRA untied in PEFT": (
+        both(add_tensor(PREFIX + "embed_tokens.lora_embedding_A", torch.zeros(8, 512), "lora"),
+             add_tensor(PREFIX + "embed_tokens.lora_embedding_B", torch.zeros(64, 8), "lora")), MERGE_ARGS,
+        ["embed_tokens", "input lookup only", "ensure_weight_tying"]),
+    "embedding LoRA of another vocabulary": (
+        both(adapter_config(ensure_weight_tying=True),
+             add_tensor(PREFIX + "embed_tokens.lora_embedding_A", torch.zeros(8, 500), "lora"),
+             add_tensor(PREFIX + "embed_tokens.lora_embedding_B", torch.zeros(64, 8), "lora")), MERGE_ARGS,
+        ["lora_embedding_A", "[8, 500]", "[r, 512]"]),
+    "lm_head LoRA that is not the tied copy": (
+        both(adapter_config(ensure_weight_tying=True),
+             add_tensor(PREFIX + "embed_tokens.lora_embedding_A", torch.zeros(8, 512), "lora"),
+             add_tensor(PREFIX + "embed_tokens.lora_embedding_B", torch.zeros(64, 8), "lora"),
+             add_tensor("base_model.model.lm_head.lora_A.weight", torch.ones(8, 64), "lora"),
+             add_tensor("base_model.model.lm_head.lora_B.weight", torch.ones(512, 8), "lora")), MERGE_ARGS,
+        ["lm_head.lora_A.weight", "not the tied copy"]),
     "missing adapter": (None, ("--lora-ckpt", "{tmp}/no-adapter", "--lora-rank", "8"), ["no-adapter", "not found"]),
 }
 
