@@ -60,9 +60,14 @@ def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -
     return int(indices[torch.multinomial(probabilities, 1, generator=generator)])
 
 
+def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
+    """The start token and the prompt's tokens, as the runtime feeds them."""
+    return [loaded.start_id] + loaded.tokenizer.encode(prompt)
+
+
 def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
     """Token ids as they are generated, until a stop token or the KV cache is full."""
-    ids = [loaded.start_id] + loaded.tokenizer.encode(prompt)
+    ids = prompt_ids(loaded, prompt)
     if len(ids) >= options.max_tokens:
         raise ConversionError(f"the prompt takes {len(ids)} tokens; --max-tokens {options.max_tokens} leaves no room")
     generator = torch.Generator().manual_seed(options.random_seed)

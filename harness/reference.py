@@ -1,9 +1,9 @@
 """Reference CPU runtime: runs our GPU weight files (and LoRA files) the way the model defines.
 
-Weights are read back exactly as stored (int8/int4 dequantized with their scales, fp16 LoRA
-halves as fp16 values) and the forward pass is float32 torch. Tensor names and which LoRA half
-is A or B come from the converter's model family data, so the runtime reads what the converter
-wrote and nothing else. Gemma (1st generation) is the architecture implemented here.
+Weights are read back exactly as stored (int8/int4 kept as integers with their scales, see
+`linear.py`; fp16 LoRA halves as fp16 values) and the forward pass is float32 torch. Tensor
+names and which LoRA half is A or B come from the converter's model family data, so the runtime
+reads what the converter wrote and nothing else. Gemma (1st generation) is the architecture implemented here.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from converter.models import FAMILIES
 from converter.models.base import Dims, ModelFamily
 from converter.proto import llm_params_pb2
 from converter.tflite import WeightFile
+
+from .linear import Linear, load_linear
 
 ROPE_THETA = 10000.0  # the GPU runtime's rotary base for Gemma
 RMS_EPS = 1e-6
@@ -39,11 +41,11 @@ def family_of(weights: WeightFile) -> ModelFamily:
 
 @dataclass
 class Layer:
-    weights: dict[str, torch.Tensor]  # HF-style short names: q, k, v, o, gate, up, down, norms
+    weights: dict[str, Linear | torch.Tensor]  # HF-style short names: q, k, v, o, gate, up, down, norms
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weights[name].T
+        y = self.weights[name](x)
         if name in self.lora:
             a, b = self.lora[name]
             y = y + (x @ a.T) @ b.T
@@ -64,7 +66,7 @@ class ReferenceModel:
         self.parameters = base.parameters
         d = self.dims
         head = self.family.head[0]
-        self.embedding = base.matrix(head.mp, *d.shape(head.shape))
+        self.embedding = load_linear(base, head.mp, *d.shape(head.shape), lookup=True)
         self.final_norm = base.vector(self.family.tail[0].mp)
         self.layers = []
         for i in range(d.num_layers):
@@ -73,7 +75,7 @@ class ReferenceModel:
             for rule in self.family.layer:
                 short = SHORT[rule.hf.removesuffix(".weight")]
                 shape = d.shape(rule.shape)
-                weights[short] = base.matrix(prefix + rule.mp, *shape) if len(shape) == 2 else base.vector(prefix + rule.mp)
+                weights[short] = load_linear(base, prefix + rule.mp, *shape) if len(shape) == 2 else base.vector(prefix + rule.mp)
             self.layers.append(Layer(weights))
         if lora is not None:
             self._attach_lora(lora)
@@ -108,13 +110,17 @@ class ReferenceModel:
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos[None] + rotated * sin[None]
 
-    def forward(self, ids: list[int], cache: list | None = None) -> tuple[torch.Tensor, list]:
-        """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`."""
+    def forward(self, ids: list[int], cache: list | None = None,
+                hidden: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list]:
+        """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`. A `hidden`
+        list receives the hidden states: the scaled embeddings, each layer's output, the final norm's."""
+        record = hidden.append if hidden is not None else lambda _: None
         d = self.dims
         cache = cache if cache is not None else [None] * d.num_layers
         start = 0 if cache[0] is None else cache[0][0].shape[1]
         positions = torch.arange(start, start + len(ids))
-        h = self.embedding[torch.tensor(ids)] * math.sqrt(d.hidden_size)
+        h = self.embedding.rows(torch.tensor(ids)) * math.sqrt(d.hidden_size)
+        record(h)
         groups = d.num_heads // d.num_kv_heads
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer.weights["input_norm"])
@@ -133,5 +139,7 @@ class ReferenceModel:
             h = h + layer.linear("o", attention)
             x = self._rms_norm(h, layer.weights["post_norm"])
             h = h + layer.linear("down", F.gelu(layer.linear("gate", x), approximate="tanh") * layer.linear("up", x))
+            record(h)
         h = self._rms_norm(h, self.final_norm)
-        return h @ self.embedding.T, cache
+        record(h)
+        return self.embedding(h), cache
