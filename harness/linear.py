@@ -13,9 +13,14 @@ oneDNN's int8 kernels (what PyTorch's own quantized inference uses); elsewhere `
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import platform
+import sys
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from converter import quantize
@@ -24,6 +29,8 @@ from converter.tflite import INT4, INT8, WeightFile
 
 DIGITS = 4
 RADIX = 254  # |residual| <= 0.5 after rounding, so residual * 254 still fits in int8 (<= 127)
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+MADV_DONTNEED = 4  # Linux: pages of a read-only file mapping are re-read from the page cache if touched again
 
 
 class Linear(Protocol):
@@ -131,7 +138,9 @@ def load_linear(weights: WeightFile, name: str, out_features: int, in_features: 
     if entry.nbytes * 8 != count * bits or scale_name not in weights.tensors:
         raise ConversionError(f"{weights.path}: tensor {name} has {entry.nbytes} bytes (and scales: "
                               f"{scale_name in weights.tensors}), not an int{bits} [{out_features}, {in_features}] matrix")
-    stored = torch.from_numpy(weights.raw(name).copy())
+    raw = weights.raw(name)
+    stored = torch.from_numpy(raw.copy())
+    release_pages(raw)
     unsigned = quantize.unpack_int4(stored) if bits == 4 else stored
     values = quantize.untile(unsigned, out_features, in_features).contiguous()
     # Stored values are q + 2^(bits-1): flipping the top bit of the byte (int8) or subtracting 8 (int4) gives q.
@@ -141,3 +150,13 @@ def load_linear(weights: WeightFile, name: str, out_features: int, in_features: 
         raise ConversionError(f"{weights.path}: tensor {scale_name} has {scale.numel()} scales, expected {out_features}")
     return QuantizedLinear(signed, scale, keep_rows=lookup)
 
+
+def release_pages(mapped: np.ndarray) -> None:
+    """Drop a memory-mapped region's pages from this process once copied (Linux; the page cache
+    keeps them), so loading does not leave the whole file resident next to the loaded weights."""
+    if LIBC is None or mapped.size == 0:
+        return
+    page = mmap.PAGESIZE
+    start = mapped.ctypes.data // page * page
+    end = mapped.ctypes.data + mapped.nbytes
+    LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
