@@ -7,8 +7,9 @@ the tiny fixture model.
 Two weight strategies run on the same file in the same run, each in its own process (so each
 peak RSS is its own): `integer`, the runtime as shipped (int8 kept as integers, harness/linear.py),
 and `dequantized`, the approach it replaced (every matrix dequantized to float32 at load,
-`x @ W.T`). Per strategy: load seconds, prompt tokens/s (one forward over the prompt), generation
-tokens/s (median per-token time of greedy steps on the KV cache) and peak RSS; then the ratios.
+`x @ W.T`). Per strategy, generating greedily as `lora-run` does (harness.generate): load seconds, prompt
+tokens/s (the prompt's forward pass and first token), generation tokens/s (median time between
+tokens) and peak RSS; then the ratios.
 Random-weight models generate garbage text; only speed is measured. Timings on a shared
 machine are noisy: medians of per-token times, single runs of load and prompt.
 """
@@ -42,29 +43,28 @@ def peak_rss_bytes() -> int:
 
 
 def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int) -> dict:
-    """Load `model_path` with one strategy, run a prompt and greedy steps; seconds and peak RSS."""
+    """Load `model_path` with one strategy and generate greedily as `lora-run` does; seconds, peak RSS."""
     import torch
 
-    from converter.tflite import WeightFile
     from harness import reference
+    from harness.generate import Options, generate_ids, load, prompt_ids
     from harness.linear import FloatLinear
 
     if strategy == "dequantized":
         reference.load_linear = lambda weights, name, rows, cols, lookup=False: FloatLinear(weights.matrix(name, rows, cols))
     start = time.perf_counter()
-    model = reference.ReferenceModel(WeightFile(model_path))
-    load = time.perf_counter() - start
-    ids = torch.randint(3, model.dims.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        start = time.perf_counter()
-        logits, cache = model.forward(ids)
-        prompt = time.perf_counter() - start
-        steps = []
-        for _ in range(generate_tokens):
-            start = time.perf_counter()
-            logits, cache = model.forward([int(logits[-1].argmax())], cache)
-            steps.append(time.perf_counter() - start)
-    return {"load_s": load, "prompt_tok_s": prompt_tokens / prompt, "generate_tok_s": 1 / statistics.median(steps),
+    loaded = load(model_path)
+    load_seconds = time.perf_counter() - start
+    random_ids = torch.randint(3, loaded.tokenizer.get_piece_size(), (prompt_tokens,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = loaded.tokenizer.decode(random_ids)
+    count = len(prompt_ids(loaded, prompt))
+    times = [time.perf_counter()]
+    for _ in generate_ids(loaded, prompt, Options(max_tokens=count + generate_tokens, top_k=1, temperature=0)):
+        times.append(time.perf_counter())
+    steps = [b - a for a, b in zip(times[1:], times[2:])]
+    return {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
+            "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
             "step_ms": 1000 * statistics.median(steps), "peak_rss": peak_rss_bytes()}
 
 
@@ -75,6 +75,12 @@ def in_child(model_path: Path, strategy: str, prompt_tokens: int, generate_token
     if result.returncode:
         raise SystemExit(f"{strategy} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def ensure_model(model_path: Path) -> None:
@@ -98,8 +104,8 @@ def tiny_model(folder: Path) -> Path:
 def report(title: str, results: dict[str, dict]) -> None:
     click.echo(title)
     for strategy, r in results.items():
-        click.echo(f"  {strategy:12} load {r['load_s']:6.2f} s   prompt {r['prompt_tok_s']:8.1f} tok/s   "
-                   f"generation {r['generate_tok_s']:8.2f} tok/s ({r['step_ms']:.2f} ms/token)   "
+        click.echo(f"  {strategy:12} load {r['load_s']:6.2f} s   prompt ({r['prompt_tokens']}) {r['prompt_tok_s']:8.1f} tok/s   "
+                   f"generation ({r['generated']}) {r['generate_tok_s']:8.2f} tok/s ({r['step_ms']:.2f} ms/token)   "
                    f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
     if len(results) == 2:
         ours, base = results["integer"], results["dequantized"]
@@ -125,11 +131,9 @@ def main(model_path: Path, prompt_tokens: int, generate_tokens: int, baseline: b
     with tempfile.TemporaryDirectory() as folder:
         tiny = tiny_model(Path(folder))
         report("tiny Gemma (2 layers, hidden 64, vocab 512), int8:",
-               {s: in_child(tiny, s, prompt_tokens, 64) for s in strategies})
+               {s: in_child(tiny, s, prompt_tokens, 100) for s in strategies})
     ensure_model(model_path)
-    click.echo(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, "
-               f"{prompt_tokens}-token prompt, {generate_tokens} generated tokens, 2 cores:")
-    report("", {s: in_child(model_path, s, prompt_tokens, generate_tokens) for s in strategies})
+    report(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, {torch_threads()} threads:", {s: in_child(model_path, s, prompt_tokens, generate_tokens) for s in strategies})
 
 
 if __name__ == "__main__":

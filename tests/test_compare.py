@@ -104,6 +104,19 @@ def test_compare_cli_prints_the_table_and_verdict(files):
     assert lines[8].startswith("all rows within the tolerance for int8 + fp16 LoRA 5e-02")
 
 
+def test_compare_cli_takes_a_task_bundle(files, tmp_path):
+    from bundler.cli import main as bundle_main
+
+    bundle = tmp_path / "tiny.task"
+    made = CliRunner().invoke(bundle_main, ["--tflite-model", str(files["int8"][0]), "--tokenizer-model", str(TOKENIZER),
+                                            "--start-token", "<bos>", "--stop-tokens", "<eos>",
+                                            "--output-filename", str(bundle)])
+    assert made.exit_code == 0, made.output
+    result = run("--model", bundle, "--prompt", PROMPT, "--compare", "--hf-model", TINY)
+    assert result.exit_code == 0, result.output
+    assert "all rows within the tolerance for int8 5e-02" in result.stdout
+
+
 def test_compare_cli_errors_are_one_line(files, monkeypatch, tmp_path):
     base, adapter = files["fp32"]
     (tmp_path / "config.json").write_text("{}")
