@@ -98,8 +98,12 @@ def _row(name: str, ours: torch.Tensor, theirs: torch.Tensor, own_ours: torch.Te
 def transformers_states(hf_model: torch.nn.Module, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """transformers' scaled embeddings, each decoder layer's output, the final norm's output; logits."""
     outputs: list[torch.Tensor] = []
+    try:
+        layers = hf_model.get_decoder().layers
+    except AttributeError:
+        raise ConversionError(f"--hf-model: {type(hf_model).__name__} has no decoder layers to compare") from None
     hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for layer in hf_model.get_decoder().layers]
+             for layer in layers]
     try:
         with torch.no_grad():
             result = hf_model(torch.tensor([ids]), output_hidden_states=True)
