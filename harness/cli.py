@@ -1,4 +1,4 @@
-"""`lora-run`: generate text from our files on the reference CPU runtime."""
+"""`lora-run`: generate text from our files on the reference CPU runtime, or compare it with transformers."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +8,8 @@ import click
 
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS
+
+DIRECTORY = click.Path(path_type=Path)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,11 +22,24 @@ from converter.runtime_options import DEFAULTS
 @click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
 @click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="0: greedy.")
 @click.option("--random-seed", default=DEFAULTS.random_seed, show_default=True)
-def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_seed) -> None:
-    """Stream a generation to stdout and report tokens/s on stderr."""
+@click.option("--compare", is_flag=True,
+              help="Instead of generating, run the prompt through our files and through transformers "
+                   "(+ PEFT) and print the per-layer differences.")
+@click.option("--hf-model", type=DIRECTORY, default=None, help="With --compare: the Hugging Face checkpoint directory.")
+@click.option("--hf-lora", type=DIRECTORY, default=None, help="With --compare: the PEFT adapter directory (with --lora).")
+@click.option("--tolerance", type=float, default=None,
+              help="With --compare: relative difference that counts as wrong [default: per weight encoding].")
+def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_seed,
+         compare, hf_model, hf_lora, tolerance) -> None:
+    """Stream a generation to stdout and report tokens/s on stderr (or, with --compare, a layer-by-layer diff)."""
     from .generate import Options, generate, load
 
     try:
+        if compare:
+            from .compare import run_compare
+
+            click.echo(run_compare(model, lora, tokenizer, prompt, hf_model, hf_lora, tolerance))
+            return
         loaded = load(model, lora, tokenizer)
         result = generate(loaded, prompt, Options(max_tokens, top_k, temperature, random_seed),
                           on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

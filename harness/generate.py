@@ -15,9 +15,11 @@ import torch
 
 from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
+from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
 
+from .linear import threads_for
 from .reference import ReferenceModel
 
 
@@ -60,20 +62,34 @@ def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -
     return int(indices[torch.multinomial(probabilities, 1, generator=generator)])
 
 
+def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
+    """The start token and the prompt's tokens, as the runtime feeds them."""
+    return [loaded.start_id] + loaded.tokenizer.encode(prompt)
+
+
 def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
     """Token ids as they are generated, until a stop token or the KV cache is full."""
-    ids = [loaded.start_id] + loaded.tokenizer.encode(prompt)
+    ids = prompt_ids(loaded, prompt)
     if len(ids) >= options.max_tokens:
         raise ConversionError(f"the prompt takes {len(ids)} tokens; --max-tokens {options.max_tokens} leaves no room")
     generator = torch.Generator().manual_seed(options.random_seed)
+    per_token = multiply_adds_per_token(loaded.model.dims)
     with torch.no_grad():
-        logits, cache = loaded.model.forward(ids)
+        with threads_for(len(ids) * per_token):
+            logits, cache = loaded.model.forward(ids)
         for _ in range(options.max_tokens - len(ids)):
             token = sample(logits[-1], options, generator)
             if token in loaded.stop_ids:
                 return
             yield token
-            logits, cache = loaded.model.forward([token], cache)
+            with threads_for(per_token):
+                logits, cache = loaded.model.forward([token], cache)
+
+
+def multiply_adds_per_token(dims: Dims) -> int:
+    """About how many multiply-adds one token costs: attention and MLP projections, logits."""
+    projections = dims.hidden_size * (2 * dims.q_size + 2 * dims.kv_size + 3 * dims.intermediate_size)
+    return dims.num_layers * projections + dims.vocab_size * dims.hidden_size
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Reference CPU runtime: runs our GPU weight files (and LoRA files) the way the model defines.
 
-Weights are read back exactly as stored (int8/int4 dequantized with their scales, fp16 LoRA
-halves as fp16 values) and the forward pass is float32 torch. Nothing here is specific to a
+Weights are read back exactly as stored (int8/int4 kept as integers with their scales, see
+`linear.py`; fp16 LoRA halves as fp16 values) and the forward pass is float32 torch. Nothing here is specific to a
 family: tensor names, the part each tensor plays (`WeightRule.slot`) and which LoRA half is A
 or B come from the converter's model family data; the family's `Architecture` gives what the
 runtime knows from the model type (norm offset and epsilon, embedding scale, GELU flavour,
@@ -25,7 +25,9 @@ from converter.proto import llm_params_pb2
 from converter.proto.transformer_params_pb2 import TransformerParameters as TP
 from converter.tflite import WeightFile
 
-Weights = dict[str, torch.Tensor]
+from .linear import Linear, load_linear
+
+Weights = dict[str, Linear | torch.Tensor]  # matrices as `Linear`, norm scales and biases as tensors
 
 
 def dims_from_parameters(params: llm_params_pb2.LlmParameters) -> Dims:
@@ -42,10 +44,10 @@ def family_of(weights: WeightFile) -> ModelFamily:
     raise ConversionError(f"{weights.path}: the reference runtime does not know model type {weights.subgraph_name}")
 
 
-def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> torch.Tensor:
-    """A matrix (quantized roles) or a raw float32 vector (norm scales, biases)."""
+def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> Linear | torch.Tensor:
+    """A matrix kept as stored (quantized roles) or a raw float32 vector (norm scales, biases)."""
     if rule.role.quantized:
-        return base.matrix(name, *rule.output_shape(dims))
+        return load_linear(base, name, *rule.output_shape(dims), lookup=rule.slot == "embedding")
     return base.vector(name)
 
 
@@ -61,7 +63,7 @@ class Layer:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slot -> (A, B)
 
     def linear(self, slot: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weights[slot].T
+        y = self.weights[slot](x)
         if f"{slot}.bias" in self.weights:
             y = y + self.weights[f"{slot}.bias"]
         if slot in self.lora:
@@ -228,16 +230,20 @@ class ReferenceModel:
             else self.act(layer.linear("up", x))
         return layer.linear("down", hidden)
 
-    def forward(self, ids: list[int], cache: list | None = None) -> tuple[torch.Tensor, list]:
-        """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`."""
+    def forward(self, ids: list[int], cache: list | None = None,
+                hidden: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list]:
+        """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`. A `hidden`
+        list receives the hidden states: the (scaled) embeddings, each layer's output, the final norm's."""
+        record = hidden.append if hidden is not None else lambda _: None
         d, t, arch = self.dims, self.t, self.arch
         ff = t.feed_forward_parameters
         cache = cache if cache is not None else [None] * d.num_layers
         start = 0 if cache[0] is None else cache[0][0].shape[1]
         positions = torch.arange(start, start + len(ids))
-        h = self.globals["embedding"][torch.tensor(ids)]
+        h = self.globals["embedding"].rows(torch.tensor(ids))
         if arch.scale_embedding:
             h = h * math.sqrt(d.hidden_size)
+        record(h)
         for index, layer in enumerate(self.layers):
             x = normalize(t.pre_norm, h, layer.weights, "attn_norm", arch)
             attention, cache[index] = self._attention(layer, x, positions, self.kinds[index], cache[index])
@@ -251,9 +257,11 @@ class ReferenceModel:
                 h = h + attention
                 mlp = self._mlp(layer, normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch))
                 h = h + normalize(ff.post_norm, mlp, layer.weights, "mlp_post_norm", arch)
+            record(h)
         h = normalize(t.final_norm, h, self.globals, "final_norm", arch)
+        record(h)
         output = self.globals.get("lm_head", self.globals["embedding"])
-        logits = h @ output.T
+        logits = output(h)
         if "lm_head.bias" in self.globals:
             logits = logits + self.globals["lm_head.bias"]
         return soft_cap(logits, t.final_project_parameters.soft_cap_value), cache

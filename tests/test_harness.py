@@ -145,3 +145,48 @@ def test_litertlm_gpu_output_equals_the_reference_runtime(files, tmp_path):
     assert runtime["base"] == generate(load(Path(base)), "one two three", options).text
     assert runtime["lora"] == generate(load(Path(base), Path(adapter)), "one two three", options).text
     assert runtime["base"] != runtime["lora"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, monkeypatch):
+    """Integer digits of the activations lose nothing float32 would keep: the error from the exact
+    (float64) product of the stored weights is no larger than a float32 matmul's."""
+    from harness import linear
+    from harness.linear import IntMmProduct, OneDnnProduct, QuantizedLinear
+
+    generator = torch.Generator().manual_seed(bits)
+    limit = 2 ** (bits - 1)
+    values = torch.randint(-limit, limit, (96, 256), generator=generator, dtype=torch.int8)
+    scale = torch.rand(96, generator=generator) / 100
+    x = torch.randn(5, 256, generator=generator) * torch.logspace(-3, 2, 256)  # wide range, as hidden states
+    exact = x.double() @ (values.double() * scale.double()[:, None]).T
+    float32 = x @ (values.float() * scale[:, None]).T
+    for product in (OneDnnProduct, IntMmProduct):
+        monkeypatch.setattr(linear, "PRODUCT", product)
+        ours = QuantizedLinear(values, scale)(x)
+        assert (ours.double() - exact).abs().max() <= (float32.double() - exact).abs().max(), product
+    assert torch.equal(QuantizedLinear(values, scale, keep_rows=True).rows(torch.tensor([3, 0])),
+                       values[[3, 0]].float() * scale[[3, 0], None])
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_integer_weights_give_the_logits_of_dequantized_weights(files, quantization, monkeypatch):
+    """Keeping int8/int4 as integers computes what dequantizing every weight to float32 computes."""
+    from harness import reference
+    from harness.linear import FloatLinear
+
+    kept = ours(files, quantization, lora=True)
+    monkeypatch.setattr(reference, "load_linear", lambda weights, name, rows, cols, lookup=False:
+                        FloatLinear(weights.matrix(name, rows, cols)))
+    dequantized = ours(files, quantization, lora=True)
+    for ids in PROMPTS:
+        torch.testing.assert_close(kept.forward(ids)[0], dequantized.forward(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_truncated_quantized_tensor_is_one_clear_error(files, tmp_path):
+    from converter.errors import ConversionError
+    from harness.linear import load_linear
+
+    weights = WeightFile(files["int8"][0])
+    with pytest.raises(ConversionError, match=r"tensor params.lm.softmax.logits_ffn.w has 32768 bytes .*\[512, 128\]"):
+        load_linear(weights, "params.lm.softmax.logits_ffn.w", 512, 128)

@@ -1,0 +1,179 @@
+"""How the reference runtime keeps a stored weight matrix and multiplies by it.
+
+Float weights (fp32, fp16) are held as float32 (fp16 widens exactly). Quantized weights (int8,
+int4) stay as their stored integers (one int8 per value) with their per-row float32 scales and
+are never dequantized to a float copy. A product `x @ (q * scale).T` runs on an exact
+int8 x int8 -> int32 matmul: each float32 activation row is written as
+`unit * (d0 + d1 / 254 + d2 / 254**2 + d3 / 254**3)` with int8 digits `d` (`unit = max|x| / 127`),
+all digit rows go through one integer matmul (the weights are read once), and the per-digit
+results are combined in float64. Four digits leave an activation error below
+`max|x| * 3e-10`, far under float32 rounding, so the result is the float32 product with the
+weights exactly as stored, at int8 memory traffic. On x86 the weights are packed once for
+oneDNN's int8 kernels (what PyTorch's own quantized inference uses); elsewhere `torch._int_mm`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import platform
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from converter import quantize
+from converter.errors import ConversionError
+from converter.tflite import INT4, INT8, WeightFile
+
+DIGITS = 4
+RADIX = 254  # |residual| <= 0.5 after rounding, so residual * 254 still fits in int8 (<= 127)
+SMALL_WORK = 1 << 22  # multiply-adds below which one thread is used
+DIGIT_WEIGHTS = torch.tensor([float(RADIX) ** -j for j in range(DIGITS)], dtype=torch.float64)
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+MADV_DONTNEED = 4  # Linux: pages of a read-only file mapping are re-read from the page cache if touched again
+
+
+class Linear(Protocol):
+    """A `[out, in]` weight matrix: `linear(x)` is `x @ W.T`; `rows(ids)` are rows of W in float32."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class FloatLinear:
+    """A float32 weight (fp32 files, and fp16 ones widened exactly)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+def int8_digits(x: torch.Tensor, count: int = DIGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` [M, K] float32 -> (`unit` [M, 1] float64, digits [count * M, K] int8 as float32) with
+    `x = unit * sum_j digits[j] / RADIX**j` up to `unit * 0.5 / RADIX**(count - 1)`."""
+    unit = x.abs().amax(-1, keepdim=True) / 127
+    unit = torch.where(unit == 0, torch.ones_like(unit), unit)
+    residual = x / unit
+    digits = torch.empty(count, *x.shape)
+    for j in range(count):
+        torch.round(residual, out=digits[j])
+        residual = (residual - digits[j]) * RADIX
+    return unit.double(), digits.view(-1, x.shape[-1])
+
+
+class IntegerProduct(Protocol):
+    """`product(digits)`: `digits` [R, in] (int8 values as float32) times `values.T`, times the
+    row scales: exact integer sums, scaled in float32 -> [R, out]."""
+
+    def __call__(self, digits: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneDnnProduct:
+    """oneDNN's int8 matmul (x86) on weights packed once: unsigned digits (zero point 128) times
+    signed values, int32 sums scaled per output row into float32."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor):
+        self.packed = torch.ops.onednn.qlinear_prepack(values, None)
+        self.scale, self.zero_points = scale, torch.zeros(values.shape[0], dtype=torch.int32)
+
+    def __call__(self, digits: torch.Tensor) -> torch.Tensor:
+        unsigned = (digits + 128).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, self.packed, self.scale, self.zero_points,
+                                                  None, 1.0, 0, torch.float32, "none", [], "")
+
+
+class IntMmProduct:
+    """torch's portable int8 x int8 -> int32 matmul, for CPUs without oneDNN's int8 kernels."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor):
+        self.values, self.scale = values, scale
+
+    def __call__(self, digits: torch.Tensor) -> torch.Tensor:
+        return torch._int_mm(digits.to(torch.int8), self.values.T).to(torch.float32) * self.scale
+
+
+PRODUCT = OneDnnProduct if torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64") \
+    else IntMmProduct
+
+
+@contextmanager
+def threads_for(multiply_adds: int) -> Iterator[None]:
+    """One thread for a small amount of work (a tiny model's forward pass): a second thread saves
+    microseconds there but can wait a whole scheduler time slice for a busy core (measured on
+    2 shared cores: tiny-model tokens 5 ms -> 40 ms)."""
+    threads = torch.get_num_threads()
+    if multiply_adds >= SMALL_WORK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class QuantizedLinear:
+    """Stored int8/int4 values `q` [out, in] and row scales [out]: W = q * scale[:, None]. The
+    values are kept for `rows` only when asked (the embedding); products use `PRODUCT`'s copy."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor, keep_rows: bool = False):
+        self.scale = scale
+        self.values = values if keep_rows else None
+        self.product = PRODUCT(values, scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        unit, digits = int8_digits(rows.to(torch.float32))
+        sums = self.product(digits).view(DIGITS, rows.shape[0], -1)
+        total = torch.einsum("d,dmn->mn", DIGIT_WEIGHTS, sums.double())  # sum_j sums[j] / RADIX**j
+        return (total * unit).to(torch.float32).view(*x.shape[:-1], -1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.values is None:
+            raise ValueError("rows() of a QuantizedLinear built without keep_rows")
+        return self.values[ids].to(torch.float32) * self.scale[ids, None]
+
+
+def load_linear(weights: WeightFile, name: str, out_features: int, in_features: int, lookup: bool = False) -> Linear:
+    """The `[out_features, in_features]` matrix `name` of a weights file, kept as stored; `lookup`
+    if its rows are also looked up (an embedding)."""
+    entry = weights.tensors[name]
+    if entry.type not in (INT8, INT4):
+        return FloatLinear(weights.matrix(name, out_features, in_features))
+    bits = 8 if entry.type == INT8 else 4
+    count = out_features * in_features
+    scale_name = f"{name}_quantized_scale"
+    if entry.nbytes * 8 != count * bits or scale_name not in weights.tensors:
+        raise ConversionError(f"{weights.path}: tensor {name} has {entry.nbytes} bytes (and scales: "
+                              f"{scale_name in weights.tensors}), not an int{bits} [{out_features}, {in_features}] matrix")
+    raw = weights.raw(name)
+    stored = torch.from_numpy(raw.copy())
+    release_pages(raw)
+    unsigned = quantize.unpack_int4(stored) if bits == 4 else stored
+    values = quantize.untile(unsigned, out_features, in_features).contiguous()
+    # Stored values are q + 2^(bits-1): flipping the top bit of the byte (int8) or subtracting 8 (int4) gives q.
+    signed = values.bitwise_xor_(0x80).view(torch.int8) if bits == 8 else values.view(torch.int8).sub_(8)
+    scale = torch.from_numpy(weights.raw(scale_name).copy()).view(torch.float32)
+    if scale.numel() != out_features:
+        raise ConversionError(f"{weights.path}: tensor {scale_name} has {scale.numel()} scales, expected {out_features}")
+    return QuantizedLinear(signed, scale, keep_rows=lookup)
+
+
+def release_pages(mapped: np.ndarray) -> None:
+    """Drop a memory-mapped region's pages from this process once copied (Linux; the page cache
+    keeps them), so loading does not leave the whole file resident next to the loaded weights."""
+    if LIBC is None or mapped.size == 0:
+        return
+    page = mmap.PAGESIZE
+    start = mapped.ctypes.data // page * page
+    end = mapped.ctypes.data + mapped.nbytes
+    LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
