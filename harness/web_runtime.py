@@ -31,7 +31,7 @@ PACKAGE_DIR = ROOT / ".web" / "node_modules" / "@mediapipe" / "tasks-genai"  # s
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the binary, not the /usr/bin wrapper that adds flags
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--no-first-run",
                   "--remote-debugging-port=0", "--remote-allow-origins=*"]
-WARMUP_PROMPT = "hello"  # any prompt: see load_lora
+WARMUP_PROMPT = "hello"  # any prompt will do: see load_lora
 CONTENT_TYPES = {".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript",
                  ".wasm": "application/wasm"}
 
@@ -200,14 +200,15 @@ class WebRuntime:
         timeout to report) the browser process is killed, which unblocks any pending call."""
         from playwright.sync_api import Error as PlaywrightError
 
-        if self._process is not None and self._process.poll() is not None:
-            raise WebRuntimeError(f"{what}: the browser is no longer running")
+        if self._killed_by_timeout or (self._process is not None and self._process.poll() is not None):
+            raise WebRuntimeError(f"{what}: the browser is no longer running (stopped after a timeout or a crash)")
         watchdog = threading.Timer(seconds + 10, self._kill_for_timeout)
         watchdog.start()
         try:
             yield
         except PlaywrightError as exc:
             if self._killed_by_timeout or "Timeout" in type(exc).__name__ or "Timeout" in str(exc).split("\n")[0]:
+                self._kill_for_timeout()  # the page may be stuck for good: later steps fail at once
                 raise WebRuntimeError(f"{what} did not finish within {seconds:.0f} s{self._console_tail()}") from None
             raise WebRuntimeError(f"{what} failed: {str(exc).splitlines()[0]}{self._console_tail()}") from None
         finally:
@@ -217,6 +218,7 @@ class WebRuntime:
         self._killed_by_timeout = True
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
+            self._process.wait()
 
     def _console_tail(self) -> str:
         return ("\n  console: " + "\n  console: ".join(self.console[-8:])) if self.console else ""
@@ -251,12 +253,18 @@ class WebRuntime:
         self._run(f"loading {Path(model).name}", self.timeouts.load, "createLlm", self.serve(model), settings)
 
     def load_lora(self, lora: Path) -> str:
-        """LlmInference.loadLoraModel; returns the handle to pass to generate(). The runtime's wasm
-        module crashes ("memory access out of bounds") generating with a LoRA loaded before the
-        first generation, so a base generation runs first in that case."""
+        """LlmInference.loadLoraModel; returns the handle to pass to generate().
+
+        Two runtime defects are worked around here (seen with tasks-genai 0.10.29): generating
+        with a LoRA loaded before the first generation crashes the wasm module ("memory access out
+        of bounds"), and a LoRA first used after another one was loaded computes with the other's
+        weights. So a base generation runs before the first load, and each LoRA generates once
+        right after it is loaded."""
         if not self._generated:
             self.generate(WARMUP_PROMPT)
-        return self._run(f"loading LoRA {Path(lora).name}", self.timeouts.load, "loadLora", self.serve(lora))
+        handle = self._run(f"loading LoRA {Path(lora).name}", self.timeouts.load, "loadLora", self.serve(lora))
+        self.generate(WARMUP_PROMPT, handle)
+        return handle
 
     def generate(self, prompt: str, lora: str | None = None) -> str:
         """generateResponse(prompt[, lora]): the response text as the runtime returns it."""

@@ -30,7 +30,13 @@ window.harness = {
       llm = null;
       loras.clear();
       const fileset = await FilesetResolver.forGenAiTasks(new URL('/genai/wasm', location.href).href);
-      llm = await LlmInference.createFromOptions(fileset, {baseOptions: {modelAssetPath: modelUrl}, ...options});
+      // The model goes in as a buffer, not as modelAssetPath: with a URL, tasks-genai tees the
+      // download stream to detect the format, and that tee sometimes errors ("Cannot close an
+      // errored readable stream") and leaves createFromOptions waiting forever.
+      const response = await fetch(modelUrl);
+      if (!response.ok) throw new Error(`fetching ${modelUrl}: HTTP ${response.status}`);
+      const modelAssetBuffer = new Uint8Array(await response.arrayBuffer());
+      llm = await LlmInference.createFromOptions(fileset, {baseOptions: {modelAssetBuffer}, ...options});
       return true;
     });
   },
