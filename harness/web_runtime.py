@@ -7,8 +7,8 @@ server on 127.0.0.1 serves the page (harness/web/), the npm package (scripts/set
 the model files.
 
 Every step has a hard timeout: the runtime can hang on a malformed file, and a hang must be a
-failure with a message, never a stuck process. Observed runtime facts this module relies on are
-in the README ("The real web runtime").
+failure with a message, never a stuck process. The runtime's defects worked around here are
+listed in the README ("A LoRA that visibly works, in the real runtimes").
 """
 from __future__ import annotations
 
@@ -199,17 +199,21 @@ class WebRuntime:
         """Run a step under a hard deadline: past it (plus a grace period for Playwright's own
         timeout to report) the browser process is killed, which unblocks any pending call."""
         from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         if self._killed_by_timeout or (self._process is not None and self._process.poll() is not None):
             raise WebRuntimeError(f"{what}: the browser is no longer running (stopped after a timeout or a crash)")
+        seen = len(self.console)
         watchdog = threading.Timer(seconds + 10, self._kill_for_timeout)
         watchdog.start()
         try:
             yield
         except PlaywrightError as exc:
-            if self._killed_by_timeout or "Timeout" in type(exc).__name__ or "Timeout" in str(exc).split("\n")[0]:
+            if self._killed_by_timeout or isinstance(exc, PlaywrightTimeout):
                 self._kill_for_timeout()  # the page may be stuck for good: later steps fail at once
-                raise WebRuntimeError(f"{what} did not finish within {seconds:.0f} s{self._console_tail()}") from None
+                errors = [line for line in self.console[seen:] if line.startswith("pageerror: ")]
+                hint = f" (last {errors[-1]})" if errors else ""
+                raise WebRuntimeError(f"{what} did not finish within {seconds:.0f} s{hint}{self._console_tail()}") from None
             raise WebRuntimeError(f"{what} failed: {str(exc).splitlines()[0]}{self._console_tail()}") from None
         finally:
             watchdog.cancel()
