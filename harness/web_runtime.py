@@ -40,12 +40,12 @@ class WebRuntimeError(Exception):
     """The browser or the runtime failed, refused a file, or a step ran past its timeout."""
 
 
-def missing() -> str | None:
+def missing(chromium: Path = CHROMIUM, package_dir: Path = PACKAGE_DIR) -> str | None:
     """Why the web runtime cannot run here (None when it can)."""
-    if not CHROMIUM.exists():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    if not (PACKAGE_DIR / "genai_bundle.mjs").exists():
-        return f"no @mediapipe/tasks-genai at {PACKAGE_DIR} (bash scripts/setup_web.sh)"
+    if not chromium.exists():
+        return f"no Chromium at {chromium} (apt-get install chromium)"
+    if not (package_dir / "genai_bundle.mjs").exists():
+        return f"no @mediapipe/tasks-genai at {package_dir} (bash scripts/setup_web.sh)"
     return None
 
 
@@ -94,6 +94,32 @@ def _handler(files: _Files) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Driver:
+    """Playwright's sync driver, shared: one per thread may run, and browsers connect through it."""
+
+    def __init__(self):
+        self.users = 0
+        self.playwright = None
+
+    def acquire(self):
+        from playwright.sync_api import sync_playwright
+
+        if self.users == 0:
+            self.playwright = sync_playwright().start()
+        self.users += 1
+        return self.playwright
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            with contextlib.suppress(Exception):
+                self.playwright.stop()
+            self.playwright = None
+
+
+_DRIVER = _Driver()
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds per step (SwiftShader compiles shaders on first use: generations take seconds)."""
@@ -133,21 +159,19 @@ class WebRuntime:
         self.close()
 
     def start(self) -> None:
-        from playwright.sync_api import sync_playwright
-
-        reason = missing() if (self.chromium, self.package_dir) == (CHROMIUM, PACKAGE_DIR) else None
+        reason = missing(self.chromium, self.package_dir)
         if reason:
             raise WebRuntimeError(reason)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self._files))
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self._server.server_port}"
         self._profile = Path(tempfile.mkdtemp(prefix="lora-web-"))
-        with self._step("starting Chromium", self.timeouts.launch):
+        with self._step("starting Chromium", self.timeouts.launch), open(self._profile / "chromium.log", "wb") as log:
             self._process = subprocess.Popen(
                 [str(self.chromium), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self._profile / "chromium.log", "wb"))
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
             port = self._devtools_port(time.monotonic() + self.timeouts.launch)
-            self._playwright = sync_playwright().start()
+            self._playwright = _DRIVER.acquire()
             browser = self._playwright.chromium.connect_over_cdp(f"http://127.0.0.1:{port}",
                                                                  timeout=self.timeouts.launch * 1000)
             context = browser.contexts[0] if browser.contexts else browser.new_context()
@@ -182,8 +206,7 @@ class WebRuntime:
                 self._process.wait()
         self._process = None
         if getattr(self, "_playwright", None) is not None:
-            with contextlib.suppress(Exception):
-                self._playwright.stop()
+            _DRIVER.release()
             self._playwright = None
         if getattr(self, "_server", None) is not None:
             self._server.shutdown()

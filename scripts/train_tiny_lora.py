@@ -5,7 +5,7 @@ The task (the single definition the end-to-end tests assert against):
 - the base model continues counting, wrapping after ten: "seven eight nine ten one ...";
 - the adapter (q/k/v/o only, r 8, lora_alpha 16 so alpha folding matters) makes the model
   answer "hello world" and stop (<eos>) instead.
-Both stages train a few seconds on one CPU thread with fixed seeds, until every greedy step of
+Both stages train seconds (about 15 s in all) on one CPU thread with fixed seeds, until every greedy step of
 every prompt wins by a wide logit margin (so fp16 GPU runtimes agree with the fp32 reference).
 
     python scripts/train_tiny_lora.py      # writes fixtures/trained-gemma{,-lora}
@@ -53,10 +53,6 @@ def lora_answer(prompt: str) -> str:
     return LORA_ANSWER
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text)
-
-
 def base_sequences(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counting runs from every start, and the greeting the adapter will reuse ("hello world",
     <eos>). Every token is a target, the first word too (so that "hello" has a trained output
@@ -65,8 +61,8 @@ def base_sequences(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     rows = []
     for start in range(len(NUMBERS)):
         words = [NUMBERS[(start + i) % len(NUMBERS)] for i in range(BASE_LENGTH - 1)]
-        rows.append([BOS] + encode(tokenizer, " ".join(words)))
-    rows.append([BOS] + encode(tokenizer, LORA_ANSWER) + [EOS])
+        rows.append([BOS] + tokenizer.encode(" ".join(words)))
+    rows.append([BOS] + tokenizer.encode(LORA_ANSWER) + [EOS])
     width = max(map(len, rows))
     ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
     targets = ids[:, 1:].clone()
@@ -81,8 +77,8 @@ def lora_sequences(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """Each prompt followed by the adapter's answer and <eos>; loss on the answer only."""
     rows, masks = [], []
     for prompt in prompts():
-        prompt_ids = [BOS] + encode(tokenizer, prompt)
-        answer_ids = encode(tokenizer, lora_answer(prompt)) + [EOS]
+        prompt_ids = [BOS] + tokenizer.encode(prompt)
+        answer_ids = tokenizer.encode(lora_answer(prompt)) + [EOS]
         rows.append(prompt_ids + answer_ids)
         masks.append([False] * len(prompt_ids) + [True] * len(answer_ids))
     ids, mask = torch.tensor(rows), torch.tensor(masks)
@@ -94,14 +90,13 @@ def margins(model, ids: torch.Tensor, targets: torch.Tensor, checked: torch.Tens
     """Target logit minus the best other logit, at the checked positions."""
     with torch.no_grad():
         logits = model(ids).logits
-    keep = checked
-    logits, wanted = logits[keep], targets[keep]
+    logits, wanted = logits[checked], targets[checked]
     target = logits.gather(1, wanted[:, None])[:, 0]
     others = logits.scatter(1, wanted[:, None], float("-inf")).max(1).values
     return target - others
 
 
-def fit(model, parameters, ids, targets, checked, steps: int, lr: float, margin: float, label: str) -> float:
+def fit(model, parameters, ids, targets, checked, steps: int, lr: float, margin: float, label: str) -> None:
     """Adam on cross-entropy until every checked position wins by `margin` (or `steps` run out)."""
     optimizer = torch.optim.Adam(parameters, lr=lr)
     for step in range(steps):
@@ -116,7 +111,6 @@ def fit(model, parameters, ids, targets, checked, steps: int, lr: float, margin:
     click.echo(f"{label}: {step + 1} steps, loss {loss.item():.4f}, smallest margin {smallest:.2f}")
     if smallest < margin:
         raise click.ClickException(f"{label} did not reach a {margin} logit margin")
-    return smallest
 
 
 def train_base(tokenizer, seed: int):
