@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The test command: prepares what the parity and runtime tests need, then runs pytest.
 # - the oracle venv (MediaPipe 0.10.21) for tests/test_oracle.py;
-# - Debian's chromium (its SwiftShader Vulkan driver) and libvulkan1 for LiteRT-LM's GPU backend.
-# With both present the tests are required to run (REQUIRE_ORACLE / REQUIRE_RUNTIME), not skipped.
+# - Debian's chromium (its SwiftShader Vulkan driver) and libvulkan1 for LiteRT-LM's GPU backend;
+# - @mediapipe/tasks-genai from npm (scripts/setup_web.sh; node/npm from apt) for the web runtime
+#   tests, which drive that chromium headless with WebGPU on SwiftShader.
+# With these present the tests are required to run (REQUIRE_ORACLE / REQUIRE_RUNTIME / REQUIRE_WEB),
+# not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_oracle.sh >/dev/null
@@ -15,4 +18,9 @@ if [ ! -e /usr/lib/chromium/vk_swiftshader_icd.json ] || ! ldconfig -p | grep -q
 fi
 runtime=""
 [ -e /usr/lib/chromium/vk_swiftshader_icd.json ] && runtime=1
-REQUIRE_ORACLE=1 REQUIRE_RUNTIME="$runtime" exec .venv/bin/python -m pytest -q "$@"
+web=""
+if [ -x /usr/lib/chromium/chromium ]; then
+  web=1  # a failed npm install then fails the web tests instead of skipping them
+  bash scripts/setup_web.sh >/dev/null || echo "note: scripts/setup_web.sh failed; the web runtime tests will fail" >&2
+fi
+REQUIRE_ORACLE=1 REQUIRE_RUNTIME="$runtime" REQUIRE_WEB="$web" exec .venv/bin/python -m pytest -q "$@"
