@@ -169,7 +169,7 @@ def test_lora_is_refused_where_the_runtime_takes_none(tmp_path, model_type):
                          "--output-dir", tmp_path / "out", "--lora-ckpt", tmp_path / "adapter", "--lora-rank", 4)
     assert result.exit_code == 1
     assert f"LoRA is not supported for {model_type}" in result.output
-    assert "merge the adapter into the base checkpoint first" in result.output
+    assert "--merge-lora" in result.output
     assert not (tmp_path / "out" / "model.tflite").exists()
 
 
