@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -78,7 +78,7 @@ class LoraAdapter:
     rank: int  # the largest module rank; smaller ones are zero-padded to it
     pairs: tuple[LoraPair, ...]  # the LoRA file's modules (empty when merging)
     merges: tuple[TensorMerge, ...] = ()  # the base tensors merging changes (empty unless merging)
-    notes: tuple[str, ...] = field(default=())  # warnings for the user (base model name differs)
+    notes: tuple[str, ...] = ()  # warnings for the user (the base model's name differs)
 
 
 def pattern_value(pattern: dict, module_name: str, default):
@@ -89,20 +89,25 @@ def pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
+def _plain(key: str) -> str:
+    """A key without PEFT's `base_model.model.` prefix and `.default` adapter name."""
+    return key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+
+
 def canonical(name: str) -> str:
     """A tensor or module name without PEFT's wrappers and leading `model.`s (base and adapter alike)."""
-    name = name.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+    name = _plain(name)
     while name.startswith("model."):
         name = name[len("model."):]
     return name
 
 
-def base_tensors(family: ModelFamily, dims: Dims) -> dict[str, tuple[tuple[int, ...], Role]]:
-    """Canonical name -> (shape, role) of every tensor the family's base checkpoint holds."""
-    tensors = {canonical(rule.hf): (dims.shape(rule.shape), rule.role) for rule in family.head + family.tail}
+def base_tensors(family: ModelFamily, dims: Dims) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor the family's base checkpoint holds."""
+    tensors = {canonical(rule.hf): dims.shape(rule.shape) for rule in family.head + family.tail}
     for layer in range(dims.num_layers):
         prefix = family.layer_prefix.format(i=layer)
-        tensors.update({canonical(prefix + rule.hf): (dims.shape(rule.shape), rule.role) for rule in family.layer})
+        tensors.update({canonical(prefix + rule.hf): dims.shape(rule.shape) for rule in family.layer})
     return tensors
 
 
@@ -132,9 +137,8 @@ def _group_keys(source: TensorSource, file: Path) -> dict[str, dict[str, str]]:
     modules: dict[str, dict[str, str]] = {}
     unknown = []
     for key in source.names():
-        plain = key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
         for kind, pattern in KEY_KINDS:
-            match = pattern.match(plain)
+            match = pattern.match(_plain(key))
             if match:
                 modules.setdefault(canonical(match.group(1)), {})[kind] = key
                 break
@@ -189,8 +193,8 @@ class _Reader:
                 raise self.fail(f"{where(module)}: lora_{half.removeprefix('embedding_')} is missing "
                                 f"(found only {keys[other]})")
 
-    def linear(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> tuple[int, int]:
-        """Check a linear LoRA's halves against its base weight `[out, in]`; returns (in, out)."""
+    def linear(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> None:
+        """Check a linear LoRA's halves (and DoRA magnitude) against its base weight `[out, in]`."""
         self.check_halves(module, keys, "A", "B")
         out_features, in_features = target_shape
         a_shape, b_shape = self.shape(keys["A"]), self.shape(keys["B"])
@@ -201,7 +205,6 @@ class _Reader:
         if "magnitude" in keys and self.shape(keys["magnitude"]) != (out_features,):
             raise self.fail(f"{keys['magnitude']} has shape {list(self.shape(keys['magnitude']))}, "
                             f"expected [{out_features}]")
-        return in_features, out_features
 
     def embedding(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> None:
         self.check_halves(module, keys, "embedding_A", "embedding_B")
@@ -213,7 +216,7 @@ class _Reader:
                             f"{list(b_shape)} do not fit the base (expected [r, {rows}] and [{cols}, r])")
 
     def replacement(self, key: str, target: str) -> None:
-        want = self.base[target][0]
+        want = self.base[target]
         if self.shape(key) != want:
             raise self.fail(f"{key} has shape {list(self.shape(key))}, expected {list(want)} like the base's {target}")
 
@@ -255,7 +258,7 @@ def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool
     linear, embedding = "A" in keys or "B" in keys, "embedding_A" in keys or "embedding_B" in keys
     if target not in base and not (linear or embedding):
         raise reader.fail(f"tensors that are not LoRA weights or base-model tensors: {_shown(list(keys.values()))}")
-    if target not in base or ((linear or embedding) and len(base[target][0]) != 2):
+    if target not in base or ((linear or embedding) and len(base[target]) != 2):
         supported = ", ".join(r.hf_module for r in family.lora) or "none"
         raise reader.fail(f"{where(module)}: LoRA on {module} is not supported for {reader.model_type} "
                           f"(supported targets: {supported})")
@@ -270,7 +273,7 @@ def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool
     replacement = keys.get("base_layer", keys.get("full"))
     if replacement is not None:
         reader.replacement(replacement, target)
-    shape = base[target][0]
+    shape = base[target]
     if "magnitude" in keys and embedding:
         raise reader.fail(f"{module}: DoRA on the embedding is not supported")
     if "magnitude" in keys and not linear:
@@ -294,8 +297,7 @@ def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool
 
 def _peft_name(key: str) -> str:
     """The module name PEFT matches rank_pattern / alpha_pattern against."""
-    plain = key.removeprefix("base_model.model.").replace(".default.", ".")
-    return plain.rsplit(".lora_", 1)[0]
+    return _plain(key).rsplit(".lora_", 1)[0]
 
 
 def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str] | None) -> None:

@@ -76,7 +76,8 @@ class ConversionConfig:
             return
         if self.lora_ckpt is None:
             raise ConversionError("--merge-lora needs --lora-ckpt (the adapter to merge)")
-        for option, value in (("--lora-rank", self.lora_rank), ("--lora-output-tflite-file", self.lora_output_tflite_file)):
+        lora_file_options = (("--lora-rank", self.lora_rank), ("--lora-output-tflite-file", self.lora_output_tflite_file))
+        for option, value in lora_file_options:
             if value is not None:
                 raise ConversionError(f"--merge-lora folds the adapter into the base file and writes no LoRA file; "
                                       f"drop {option}")
