@@ -1,6 +1,6 @@
 """Parity of the Gemma families with MediaPipe 0.10.21, cheaply (see tests/test_oracle.py for the method).
 
-1. GEMMA2_2B, recorded: MediaPipe's full real-shape output (int8 + rank-8 LoRA) was digested by
+1. GEMMA2_2B, recorded: MediaPipe's full real-shape output (int8 + rank-8 LoRA, int4) was digested by
    `scripts/parity.py --preset GEMMA2_2B --record`; a regenerated layer, the LoRA file and the
    flatbuffer region of the plan must hash the same.
 2. GEMMA_7B, live: MediaPipe cannot convert a 7B here (killed for memory at 22.9 GiB), so its
@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import subprocess
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from converter import tflite
 from converter.config import ConversionConfig
 from converter.convert import WRITERS
 from converter.adapter import load_adapter
@@ -24,9 +26,8 @@ from converter.models import find_model_type
 from converter.plan import ConversionPlan, plan_base, plan_lora
 
 from .conftest import ROOT, TOKENIZER
-from .test_oracle import (ATTENTION_TARGETS, PRESETS, MemorySink, SeededSource, assert_layout_matches_record,
-                          assert_matches_record, hf_config, model_shapes, oracle_python, random_tensor, recorded,
-                          write_adapter)
+from .test_oracle import (ATTENTION_TARGETS, PRESETS, MemorySink, SeededSource, assert_matches_record, hf_config,
+                          model_shapes, oracle_python, random_tensor, recorded, write_adapter)
 
 pytestmark = pytest.mark.oracle
 LAYER = 3
@@ -49,14 +50,26 @@ def real_shape_plan(preset: str, quantization: str, adapter_dir=None) -> Convers
     return plan
 
 
+def assert_layout_matches_record(plan: ConversionPlan, items: list, lora_rank: int | None, record: dict) -> None:
+    """The flatbuffer region (with its padding), file size, tensor order and offsets are MediaPipe's."""
+    specs = [spec for item in items for spec in item.outputs]
+    layout = tflite.plan_layout(plan.model_type.name, specs, plan.metadata(lora_rank))
+    region = layout.flatbuffer + bytes(layout.blob_offsets[0] - len(layout.flatbuffer))
+    assert hashlib.sha256(region).hexdigest() == record["flatbuffer_sha256"]
+    assert layout.file_size == record["file_size"]
+    assert [s.name for s in specs] == sorted(record["tensors"], key=lambda n: record["tensors"][n]["offset"])
+    assert layout.tensor_offsets == sorted(t["offset"] for t in record["tensors"].values())
+
+
 def layer_items(plan: ConversionPlan, layer: int = LAYER) -> list:
     return [item for item in plan.base if f"layers.{layer}." in (item.source or "")
             or item.source == "model.norm.weight"]
 
 
-def test_gemma2_2b_layer_and_layout_match_mediapipes_output():
-    plan = real_shape_plan("GEMMA2_2B", "int8")
-    digest = recorded("gemma2-2b-int8-lora8.json")["base"]
+@pytest.mark.parametrize("quantization,record", [("int8", "gemma2-2b-int8-lora8.json"), ("int4", "gemma2-2b-int4.json")])
+def test_gemma2_2b_layer_and_layout_match_mediapipes_output(quantization, record):
+    plan = real_shape_plan("GEMMA2_2B", quantization)
+    digest = recorded(record)["base"]
     assert_layout_matches_record(plan, plan.base, None, digest)
     assert assert_matches_record(plan, layer_items(plan), digest) == 7 * 3 + 4 + 1
 

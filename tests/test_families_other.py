@@ -304,7 +304,8 @@ def encoded_digests(plan, items) -> dict[str, str]:
 # MediaPipe 0.10.21's outputs at real shapes, digested by scripts/parity.py --record.
 RECORDS = {("PHI_2", "int8"): "phi-2-int8-lora8.json", ("PHI_2", "int4"): "phi-2-int4.json",
            ("FALCON_RW_1B", "int8"): "falcon-rw-1b-int8.json", ("FALCON_RW_1B", "int4"): "falcon-rw-1b-int4.json",
-           ("STABLELM_4E1T_3B", "int8"): "stablelm-4e1t-3b-int8.json"}
+           ("STABLELM_4E1T_3B", "int8"): "stablelm-4e1t-3b-int8.json",
+           ("STABLELM_4E1T_3B", "int4"): "stablelm-4e1t-3b-int4.json"}
 LAYER = 3
 
 
