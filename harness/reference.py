@@ -1,9 +1,9 @@
 """Reference CPU runtime: runs our GPU weight files (and LoRA files) the way the model defines.
 
-Weights are read back exactly as stored (int8/int4 kept as integers with their scales, see
-`linear.py`; fp16 LoRA halves as fp16 values) and the forward pass is float32 torch. Tensor
-names and which LoRA half is A or B come from the converter's model family data, so the runtime
-reads what the converter wrote and nothing else. Gemma (1st generation) is the architecture implemented here.
+Weights are read back exactly as stored (int8/int4 as integers with their scales, fp16 LoRA
+halves as fp16 values) and the forward pass is float32 torch. Tensor names and which LoRA half
+is A or B come from the converter's model family data, so the runtime reads what the converter
+wrote and nothing else. Gemma (1st generation) is the architecture implemented here.
 """
 from __future__ import annotations
 
