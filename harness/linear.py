@@ -31,7 +31,6 @@ from converter.tflite import INT4, INT8, WeightFile
 DIGITS = 4
 RADIX = 254  # |residual| <= 0.5 after rounding, so residual * 254 still fits in int8 (<= 127)
 SMALL_WORK = 1 << 22  # multiply-adds below which one thread is used
-DIGIT_WEIGHTS = torch.tensor([float(RADIX) ** -j for j in range(DIGITS)], dtype=torch.float64)
 LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 MADV_DONTNEED = 4  # Linux: pages of a read-only file mapping are re-read from the page cache if touched again
 
@@ -134,8 +133,10 @@ class QuantizedLinear:
         rows = x.reshape(-1, x.shape[-1])
         unit, digits = int8_digits(rows.to(torch.float32))
         sums = self.product(digits).view(DIGITS, rows.shape[0], -1)
-        total = torch.einsum("d,dmn->mn", DIGIT_WEIGHTS, sums.double())  # sum_j sums[j] / RADIX**j
-        return (total * unit).to(torch.float32).view(*x.shape[:-1], -1)
+        total = sums[-1].double()
+        for j in range(DIGITS - 2, -1, -1):  # in place, Horner: d0 + (d1 + (d2 + d3 / R) / R) / R
+            total.div_(RADIX).add_(sums[j])
+        return total.mul_(unit).to(torch.float32).view(*x.shape[:-1], -1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.values is None:
@@ -158,8 +159,8 @@ def load_linear(weights: WeightFile, name: str, out_features: int, in_features: 
     raw = weights.raw(name)
     stored = torch.from_numpy(raw.copy())
     release_pages(raw)
-    unsigned = quantize.unpack_int4(stored) if bits == 4 else stored
-    values = quantize.untile(unsigned, out_features, in_features).contiguous()
+    values = quantize.untile(quantize.unpack_int4(stored) if bits == 4 else stored, out_features, in_features).contiguous()
+    del stored  # only the untiled copy from here on
     # Stored values are q + 2^(bits-1): flipping the top bit of the byte (int8) or subtracting 8 (int4) gives q.
     signed = values.bitwise_xor_(0x80).view(torch.int8) if bits == 8 else values.view(torch.int8).sub_(8)
     scale = torch.from_numpy(weights.raw(scale_name).copy()).view(torch.float32)

@@ -1,8 +1,8 @@
 """Reference CPU runtime: runs our GPU weight files (and LoRA files) the way the model defines.
 
-Weights are read back exactly as stored (int8/int4 kept as integers with their scales, see
-`linear.py`; fp16 LoRA halves as fp16 values) and the forward pass is float32 torch. Nothing here is specific to a
-family: tensor names, the part each tensor plays (`WeightRule.slot`) and which LoRA half is A
+Weights are read back exactly as stored (int8/int4 as integers with their scales, see
+`linear.py`; LoRA halves as their stored floats) and the forward pass is float32 torch. Nothing here
+is specific to a family: tensor names, the part each tensor plays (`WeightRule.slot`) and which LoRA half is A
 or B come from the converter's model family data; the family's `Architecture` gives what the
 runtime knows from the model type (norm offset and epsilon, embedding scale, GELU flavour,
 gated or plain MLP, parallel residual, rotary or ALiBi positions, partial rotary); the file's

@@ -190,3 +190,14 @@ def test_truncated_quantized_tensor_is_one_clear_error(files, tmp_path):
     weights = WeightFile(files["int8"][0])
     with pytest.raises(ConversionError, match=r"tensor params.lm.softmax.logits_ffn.w has 32768 bytes .*\[512, 128\]"):
         load_linear(weights, "params.lm.softmax.logits_ffn.w", 512, 128)
+
+
+def test_small_work_runs_on_one_thread_and_restores_the_count():
+    from harness.linear import SMALL_WORK, threads_for
+
+    threads = torch.get_num_threads()
+    with threads_for(SMALL_WORK - 1):
+        assert torch.get_num_threads() == 1
+    with threads_for(SMALL_WORK):
+        assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads
