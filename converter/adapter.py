@@ -94,9 +94,12 @@ def _plain(key: str) -> str:
     return key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
 
 
-def canonical(name: str) -> str:
-    """A tensor or module name without PEFT's wrappers and leading `model.`s (base and adapter alike)."""
+def canonical(name: str, prefixes: tuple[str, ...] = ()) -> str:
+    """A tensor or module name without PEFT's wrappers, the family's name prefixes (a multimodal
+    model's `language_model.`) and leading `model.`s (base and adapter alike)."""
     name = _plain(name)
+    for prefix in prefixes:
+        name = name.replace(prefix, "", 1)
     while name.startswith("model."):
         name = name[len("model."):]
     return name
@@ -132,15 +135,18 @@ def _adapter_files(path: Path) -> tuple[Path, dict | None]:
     raise ConversionError(f"{path}: LoRA adapter not found")
 
 
-def _group_keys(source: TensorSource, file: Path) -> dict[str, dict[str, str]]:
-    """Module path (canonical) -> {kind: key}; unknown keys are refused, listed."""
+def _group_keys(source: TensorSource, file: Path, family: ModelFamily) -> dict[str, dict[str, str]]:
+    """Module path (canonical) -> {kind: key}; unknown keys are refused, listed. Keys of modules
+    outside the family's text model (a vision tower) are left out, as the base's are."""
     modules: dict[str, dict[str, str]] = {}
     unknown = []
     for key in source.names():
+        if any(part in key for part in family.skipped):
+            continue
         for kind, pattern in KEY_KINDS:
             match = pattern.match(_plain(key))
             if match:
-                modules.setdefault(canonical(match.group(1)), {})[kind] = key
+                modules.setdefault(canonical(match.group(1), family.name_prefixes), {})[kind] = key
                 break
         else:
             unknown.append(key)
@@ -390,7 +396,11 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
     source = open_tensor_file(file)
     try:
         reader = _Reader(source, file, config, family, dims, model_type)
-        merges = _merges(reader, _group_keys(source, file), dora)
+        outside = [key for key in source.names() if any(part in key for part in family.skipped)]
+        if outside:
+            notes = (*notes, f"{file}: {len(outside)} tensors outside the text model are not converted "
+                             f"(the runtime has no such part): {_shown(outside)}")
+        merges = _merges(reader, _group_keys(source, file, family), dora)
         rank = max((m.rank for m in merges), default=0)
         if merge is not None:
             refused = [m for m in merges if not m.runtime_lora] if merge == "lora" else []

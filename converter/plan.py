@@ -244,7 +244,8 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         if config.lora_ckpt is not None and config.merge_lora:
             plan.adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                         config.merge_mode, hf_config)
-            source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges)
+            source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges,
+                                        family.name_prefixes)
         elif config.lora_ckpt is not None:
             if not family.lora or not model_type.lora:
                 raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "

@@ -251,6 +251,45 @@ def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
     assert other.exit_code == 1 and "has 500 pieces" in other.stderr
 
 
+def test_adapter_of_a_multimodal_gemma3_converts_for_its_text_part(tmp_path):
+    """A PEFT adapter trained on Gemma3ForConditionalGeneration (keys `...language_model.layers...`,
+    plus vision-tower LoRA the text runtime has no place for: left out with a warning) converts as a
+    LoRA file and merges; both give PEFT's text-only logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=512 + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(1)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.05)
+    model.eval().save_pretrained(str(tmp_path / "ckpt"))
+    base_logits = [logits(model, ids) for ids in PROMPTS]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    assert any("vision_tower" in name and "lora_A" in name for name, _ in peft_model.named_parameters())
+    peft_model.eval().save_pretrained(str(tmp_path / "lora"))
+    common = dict(input_ckpt=tmp_path / "ckpt", ckpt_format="safetensors", model_type="GEMMA3_4B",
+                  vocab_model_file=TOKENIZER, quantization="fp32", lora_ckpt=tmp_path / "lora")
+    as_lora = convert(ConversionConfig(output_dir=tmp_path / "a", lora_rank=4, **common))
+    merged = convert(ConversionConfig(output_dir=tmp_path / "m", merge_lora=True, **common))
+    runs = {3e-5: ReferenceModel(WeightFile(merged.output)),  # merged in float32
+            2e-3: ReferenceModel(WeightFile(as_lora.output), WeightFile(as_lora.lora_output))}  # fp16 halves
+    for ids, base in zip(PROMPTS, base_logits):
+        expected = logits(peft_model, ids)
+        assert (expected - base).abs().max() > 0.05  # the adapter changes the text model's output
+        for tolerance, ours in runs.items():
+            torch.testing.assert_close(ours.forward(ids)[0], expected, atol=tolerance, rtol=0)
+
+
 def test_gemma_7b_parameters_are_mediapipes_2b_bytes_with_7b_sizes():
     """MediaPipe's GEMMA_2B bytes (read out of its file) with upstream GetGemma7BParams' sizes (MHA: 0 KV heads)."""
     from .test_models import MEDIAPIPE_GEMMA_2B
