@@ -48,9 +48,11 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
 
     from .adapter import load_adapter
     from .models import find_model_type
-    from .plan import resolve_dims
+    from .plan import check_lora_supported, resolve_dims
 
     family, kind = find_model_type(model_type)
+    if merge_mode is None:
+        check_lora_supported(family, kind)
     dims, base_config = resolve_dims(family, kind, Path(input_ckpt)) if input_ckpt else (kind.reference, {})
     loaded = load_adapter(adapter, family, dims, kind.name, max_adapter_mb, merge_mode, base_config)
     loaded.source.close()

@@ -227,6 +227,14 @@ def read_tokenizer(path: Path, vocab_size: int) -> bytes:
     return data
 
 
+def check_lora_supported(family: ModelFamily, model_type: ModelType) -> None:
+    """Refuse a LoRA file for a model type whose runtime takes none (merging is the way there)."""
+    if not family.lora or not model_type.lora:
+        raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "
+                              f"only for {', '.join(lora_model_type_names())}; merge the adapter into the "
+                              "base weights with --merge-lora --merge-unsupported")
+
+
 def make_plan(config: ConversionConfig) -> ConversionPlan:
     """Validate everything about a conversion and return its plan (nothing is written)."""
     family, model_type = find_model_type(config.model_type)
@@ -247,10 +255,7 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
             source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges,
                                         family.name_prefixes)
         elif config.lora_ckpt is not None:
-            if not family.lora or not model_type.lora:
-                raise ConversionError(f"LoRA is not supported for {model_type.name}: MediaPipe's runtime takes LoRA "
-                                      f"only for {', '.join(lora_model_type_names())}; merge the adapter into the "
-                                      "base weights with --merge-lora --merge-unsupported")
+            check_lora_supported(family, model_type)
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                    base_config=hf_config)
             plan.adapter = adapter

@@ -131,6 +131,9 @@ def test_refusals(tmp_path):
     (plain / "adapter_config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
     result = run_convert("--check-adapter", plain, "--model-type", "GEMMA_2B", "--input-ckpt", TINY)
     assert result.exit_code == 0 and "missing: written as zeros" in result.stdout and "scale 2" in result.stdout
+    no_lora = run_convert("--check-adapter", plain, "--model-type", "GEMMA_7B")  # MediaPipe takes no 7B LoRA
+    assert no_lora.exit_code == 1 and "LoRA is not supported for GEMMA_7B" in no_lora.output
+    assert "Traceback" not in no_lora.output
 
 
 def test_rank_pattern_pads_smaller_modules_exactly(tmp_path):
