@@ -76,7 +76,7 @@ def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator
     per_token = multiply_adds_per_token(loaded.model.dims)
     with torch.no_grad():
         with threads_for(len(ids) * per_token):
-            logits, cache = loaded.model.forward(ids)
+            logits, cache = loaded.model.forward(ids, last_only=True)
         for _ in range(options.max_tokens - len(ids)):
             token = sample(logits[-1], options, generator)
             if token in loaded.stop_ids:

@@ -230,10 +230,11 @@ class ReferenceModel:
             else self.act(layer.linear("up", x))
         return layer.linear("down", hidden)
 
-    def forward(self, ids: list[int], cache: list | None = None,
-                hidden: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list]:
-        """Logits `[len(ids), vocab]` for new tokens `ids`, extending the KV `cache`. A `hidden`
-        list receives the hidden states: the (scaled) embeddings, each layer's output, the final norm's."""
+    def forward(self, ids: list[int], cache: list | None = None, hidden: list[torch.Tensor] | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, list]:
+        """Logits `[len(ids), vocab]` for new tokens `ids` (`[1, vocab]` for the last one only with
+        `last_only`: what generation needs), extending the KV `cache`. A `hidden` list receives the
+        hidden states: the (scaled) embeddings, each layer's output, the final norm's."""
         record = hidden.append if hidden is not None else lambda _: None
         d, t, arch = self.dims, self.t, self.arch
         ff = t.feed_forward_parameters
@@ -258,7 +259,7 @@ class ReferenceModel:
                 mlp = self._mlp(layer, normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch))
                 h = h + normalize(ff.post_norm, mlp, layer.weights, "mlp_post_norm", arch)
             record(h)
-        h = normalize(t.final_norm, h, self.globals, "final_norm", arch)
+        h = normalize(t.final_norm, h[-1:] if last_only else h, self.globals, "final_norm", arch)
         record(h)
         output = self.globals.get("lm_head", self.globals["embedding"])
         logits = output(h)

@@ -106,6 +106,8 @@ def test_kv_cache_decoding_equals_full_forward(files):
     first, cache = model.forward(ids[:3])
     rest, _ = model.forward(ids[3:], cache)
     torch.testing.assert_close(torch.cat([first, rest]), full, atol=1e-5, rtol=0)
+    last, _ = model.forward(ids, last_only=True)  # what generation asks for the prompt
+    torch.testing.assert_close(last, full[-1:], atol=1e-5, rtol=0)
 
 
 def test_lora_run_cli_streams_and_reports_speed(files):
