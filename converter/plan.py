@@ -17,7 +17,7 @@ from .files import read_json_object
 from .merge import MergedSource
 from .models import find_model_type, lora_model_type_names
 from .tokenizer import load_tokenizer
-from .models.base import Dims, ModelFamily, ModelType, Role, WeightRule, dims_from_config
+from .models.base import Dims, ModelFamily, ModelType, WeightRule, dims_from_config
 from .split import SplittingSource
 
 QUANT_BITS = {"int8": 8, "int4": 4}

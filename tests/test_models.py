@@ -82,6 +82,7 @@ def test_lora_for_gemma_7b_is_refused(tiny, tiny_lora, tmp_path):
     result = run_convert(*args)
     assert result.exit_code == 1
     message = result.stderr.strip()
-    assert message.startswith("error: LoRA is not supported for GEMMA_7B: MediaPipe supports LoRA only for GEMMA_2B, ")
+    assert message.startswith("error: LoRA is not supported for GEMMA_7B: MediaPipe's runtime takes LoRA only for GEMMA_2B, ")
+    assert message.endswith("--merge-lora --merge-unsupported")
     assert "GEMMA_7B" not in message.split("only for")[1] and len(message.splitlines()) == 1
     assert not (tmp_path / "out" / "model.bin").exists()

@@ -228,6 +228,23 @@ def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
     return Dims(**values)
 
 
+def sized_parameters(dims: Dims, start_token_id: int, stop_tokens: list[str],
+                     num_kv_heads: int | None = None) -> llm_params_pb2.LlmParameters:
+    """LlmParameters with what every family writes alike: vocabulary, start/stop tokens, batch 1 and
+    the transformer's sizes (`num_kv_heads` defaults to MediaPipe's 0-for-multi-head convention)."""
+    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=start_token_id,
+                                          stop_tokens=stop_tokens)
+    t = params.transformer_parameters
+    t.batch_size = 1
+    t.embedding_dim = dims.hidden_size
+    t.hidden_dimension = dims.intermediate_size
+    t.head_dimension = dims.head_dim
+    t.num_heads = dims.num_heads
+    t.num_stacks = dims.num_layers
+    t.num_kv_heads = kv_heads_field(dims) if num_kv_heads is None else num_kv_heads
+    return params
+
+
 def kv_heads_field(dims: Dims) -> int:
     """MediaPipe's num_kv_heads: 0 means multi-head attention (as many KV heads as heads)."""
     return 0 if dims.num_kv_heads == dims.num_heads else dims.num_kv_heads

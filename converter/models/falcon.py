@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Architecture, Dims, ModelFamily, ModelType, Role, Split, WeightRule
+from .base import Architecture, Dims, ModelFamily, ModelType, Role, Split, WeightRule, sized_parameters
 from .checks import require, require_close
 
 H = ("hidden_size",)
@@ -29,16 +29,9 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     require(config, "apply_residual_connection_post_layernorm", (False,), False)
     require(config, "activation", ("gelu",), "gelu")
     require_close(config, "layer_norm_epsilon", LAYER_NORM_EPS)
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=START_TOKEN_ID,
-                                          stop_tokens=["<|endoftext|>"])
+    # MediaPipe writes the head count as num_kv_heads here, not 0
+    params = sized_parameters(dims, START_TOKEN_ID, ["<|endoftext|>"], num_kv_heads=dims.num_kv_heads)
     t = params.transformer_parameters
-    t.batch_size = 1
-    t.embedding_dim = dims.hidden_size
-    t.hidden_dimension = dims.intermediate_size
-    t.head_dimension = dims.head_dim
-    t.num_heads = dims.num_heads
-    t.num_stacks = dims.num_layers
-    t.num_kv_heads = dims.num_kv_heads  # MediaPipe writes the head count here, not 0
     t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(activation=TP.GELU, pre_norm=TP.LAYER_NORM,
                                                                 post_norm=TP.NO_NORM))
     t.final_project_parameters.no_bias = True

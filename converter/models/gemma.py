@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, kv_heads_field,
-                   rope_theta)
+from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, rope_theta,
+                   sized_parameters)
 
 H = ("hidden_size",)
 GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
@@ -91,15 +91,8 @@ def base_parameters(dims: Dims, *, post_norms: bool = False, attention_cap: floa
                     stop_tokens: tuple[str, ...] = ("<eos>",)) -> llm_params_pb2.LlmParameters:
     """The LlmParameters every Gemma generation shares; `post_norms` adds Gemma 2's output norms."""
     post = TP.RMS_NORM if post_norms else TP.NO_NORM
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=2, stop_tokens=list(stop_tokens))
+    params = sized_parameters(dims, 2, list(stop_tokens))
     t = params.transformer_parameters
-    t.batch_size = 1
-    t.embedding_dim = dims.hidden_size
-    t.hidden_dimension = dims.intermediate_size
-    t.head_dimension = dims.head_dim
-    t.num_heads = dims.num_heads
-    t.num_stacks = dims.num_layers
-    t.num_kv_heads = kv_heads_field(dims)
     t.feed_forward_parameters.CopyFrom(
         TP.FeedForwardParameters(no_bias=True, activation=TP.GELU, pre_norm=TP.RMS_NORM, post_norm=post)
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule
+from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, sized_parameters
 from .checks import require, require_close
 
 H = ("hidden_size",)
@@ -32,16 +32,8 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     start = config.get("bos_token_id", START_TOKEN_ID)  # phi-2's is START_TOKEN_ID; tiny models have their own
     if not isinstance(start, int) or not 0 <= start < dims.vocab_size:
         raise ConversionError(f"config.json: bos_token_id {start!r} is not a token of the {dims.vocab_size}-token vocabulary")
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=start,
-                                          stop_tokens=["<|endoftext|>"])
+    params = sized_parameters(dims, start, ["<|endoftext|>"])
     t = params.transformer_parameters
-    t.batch_size = 1
-    t.embedding_dim = dims.hidden_size
-    t.hidden_dimension = dims.intermediate_size
-    t.head_dimension = dims.head_dim
-    t.num_heads = dims.num_heads
-    t.num_stacks = dims.num_layers
-    t.num_kv_heads = 0 if dims.num_kv_heads == dims.num_heads else dims.num_kv_heads
     t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(activation=TP.GELU, pre_norm=TP.NO_NORM,
                                                                 post_norm=TP.NO_NORM))
     t.final_project_parameters.SetInParent()  # present and empty: the output projection has a bias

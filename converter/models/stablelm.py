@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Architecture, Dims, ModelFamily, ModelType, Role, WeightRule
+from .base import Architecture, Dims, ModelFamily, ModelType, Role, WeightRule, sized_parameters
 from .checks import require, require_close
 
 H = ("hidden_size",)
@@ -28,16 +28,8 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     require(config, "use_qkv_bias", (False,), False)
     require(config, "qk_layernorm", (False,), False)
     require(config, "use_parallel_residual", (False,), False)
-    params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=START_TOKEN_ID,
-                                          stop_tokens=["<|endoftext|>"])
+    params = sized_parameters(dims, START_TOKEN_ID, ["<|endoftext|>"])
     t = params.transformer_parameters
-    t.batch_size = 1
-    t.embedding_dim = dims.hidden_size
-    t.hidden_dimension = dims.intermediate_size
-    t.head_dimension = dims.head_dim
-    t.num_heads = dims.num_heads
-    t.num_stacks = dims.num_layers
-    t.num_kv_heads = 0 if dims.num_kv_heads == dims.num_heads else dims.num_kv_heads
     t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(no_bias=True, activation=TP.SILU,
                                                                 pre_norm=TP.LAYER_NORM, post_norm=TP.NO_NORM))
     t.final_project_parameters.no_bias = True
