@@ -5,7 +5,8 @@ run greedily (topK 1); its text must be the reference runtime's greedy text.
 
 The tiny models are made confident: their final norm is scaled so the logits grow LOGIT_SCALE
 times, and the reference runtime's top-1 minus top-2 logit margin on every compared step is
-asserted above MIN_MARGIN, so an fp16 near-tie in the runtime cannot pass for a bug or hide one.
+asserted above MIN_MARGIN of the step's largest |logit| (fp16 keeps ~0.1 %), so an fp16 near-tie
+in the runtime cannot pass for a bug or hide one.
 Several prompts with different reference texts are compared, so a model that repeats one token
 whatever the prompt cannot pass.
 
@@ -34,10 +35,11 @@ pytestmark = pytest.mark.web
 MAX_TOKENS = 16  # KV cache: start token + prompt + generated
 GREEDY = RuntimeOptions(max_tokens=MAX_TOKENS, top_k=1, temperature=0.0, random_seed=0)
 LOGIT_SCALE = 64.0
-MIN_MARGIN = 0.15
+MIN_MARGIN = 0.005  # of the largest |logit|: 5 fp16 rounding steps
 PROMPTS = ("one two three", "hello world", "seven eight")
-# Falcon-RW's tiny model continues most prompts with one byte token; these two differ.
-FALCON_PROMPTS = ("seven eight", "paper lemon")
+# One word each: the runtime rewrites Falcon-RW prompts' spaces (test_falcon_rw_prompts_...).
+FALCON_PROMPTS = ("one", "hello")  # "\x16\x16..." and "c c c ..."
+BPE_SPACE = "\u0120"  # "Ġ": GPT-2's byte-level BPE stand-in for a space
 
 # model type -> (transformers config, the final norm's name, whether its scale is stored as 1 + w).
 FAMILIES = {
@@ -80,13 +82,15 @@ def convert(model_type: str, folder: Path, *extra) -> Path:
 
 
 def reference_greedy(loaded: LoadedModel, prompt: str) -> tuple[str, float]:
-    """The reference runtime's greedy text and its smallest top-1 minus top-2 logit margin."""
+    """The reference runtime's greedy text and its smallest top-1 minus top-2 logit margin,
+    relative to the step's largest |logit|."""
     ids = prompt_ids(loaded, prompt)
     out, margins = [], []
     with torch.no_grad():
         while len(ids) < MAX_TOKENS:
-            top = loaded.model.forward(ids)[0][-1].topk(2)
-            margins.append(float(top.values[0] - top.values[1]))
+            logits = loaded.model.forward(ids)[0][-1]
+            top = logits.topk(2)
+            margins.append(float(top.values[0] - top.values[1]) / float(logits.abs().max()))
             token = int(top.indices[0])
             if token in loaded.stop_ids:
                 break
@@ -120,13 +124,17 @@ def expected_texts(model: Path, prompts: tuple[str, ...] = PROMPTS) -> dict[str,
     return texts
 
 
-@pytest.mark.parametrize("model_type", ["GEMMA2_2B", "GEMMA3_1B"])
+@pytest.mark.parametrize("model_type", ["GEMMA2_2B", "GEMMA3_1B", "FALCON_RW_1B"])
 def test_runtime_generates_the_reference_text(web, files, model_type):
     """One fresh LlmInference per prompt (see the next test for why). The runtime prefixes a
     space to the text, so both sides are compared stripped."""
-    for prompt, text in expected_texts(files[model_type]).items():
+    falcon = model_type == "FALCON_RW_1B"
+    for prompt, text in expected_texts(files[model_type], FALCON_PROMPTS if falcon else PROMPTS).items():
         web.load_model(files[model_type], GREEDY)
-        assert web.generate(prompt).strip() == text.strip(), f"{model_type} on {prompt!r}"
+        answer = web.generate(prompt)
+        if falcon:  # it decodes pieces as byte-level BPE too: SentencePiece's "▁" comes out as U+FFFD
+            answer = answer.replace("\ufffd", " ")
+        assert answer.strip() == text.strip(), f"{model_type} on {prompt!r}"
 
 
 @pytest.mark.parametrize("model_type", ["GEMMA2_2B", "GEMMA3_1B"])
@@ -141,17 +149,21 @@ def test_gemma2_and_gemma3_answer_a_repeated_prompt_differently(web, files, mode
     assert web.generate(prompt).strip() != expected.strip()
 
 
-def test_falcon_rw_text_is_not_the_reference_text(web, files):
-    """Observed, not yet explained: on "seven eight" (reference margin > MIN_MARGIN) the runtime
-    continues with another token than the reference runtime (and transformers); on "paper lemon"
-    (margin > 9) it gives the reference's tokens but stops several tokens before the KV cache is
-    full. LiteRT-LM's GPU executor on the same file also gives the other token on "seven eight"
-    but the full length: see the README."""
-    expected = expected_texts(files["FALCON_RW_1B"], FALCON_PROMPTS)
+def test_falcon_rw_prompts_have_their_spaces_replaced_by_the_bpe_space(web, files):
+    """Observed runtime behaviour: for FALCON_RW_1B the runtime writes each space of the prompt
+    as "Ġ" (U+0120, GPT-2 byte-level BPE's space) before the SentencePiece tokenizer sees it. With
+    our SentencePiece test tokenizer "one two three" becomes 10 pieces instead of 3 (two pairs of
+    byte pieces for the "Ġ"s), so the KV cache fills 7 tokens sooner: the runtime's text is the
+    reference's for the rewritten prompt, not for the prompt as given."""
+    loaded = load(files["FALCON_RW_1B"])
+    prompt = "one two three"
+    rewritten = prompt.replace(" ", BPE_SPACE)
+    assert len(prompt_ids(loaded, rewritten)) - len(prompt_ids(loaded, prompt)) == 7
+    as_given, as_rewritten = (reference_greedy(loaded, text) for text in (prompt, rewritten))
+    assert min(as_given[1], as_rewritten[1]) > MIN_MARGIN
+    assert as_given[0] != as_rewritten[0]
     web.load_model(files["FALCON_RW_1B"], GREEDY)
-    different, short = (web.generate(prompt).strip() for prompt in FALCON_PROMPTS)
-    assert different[0] != expected["seven eight"][0]
-    assert short and expected["paper lemon"].startswith(short) and len(short) < len(expected["paper lemon"])
+    assert web.generate(prompt).strip() == as_rewritten[0].strip()
 
 
 @pytest.mark.parametrize("model_type", ["PHI_2", "STABLELM_4E1T_3B"])
