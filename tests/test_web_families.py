@@ -192,14 +192,13 @@ def phi2_lora(folder: Path) -> tuple[Path, Path]:
     return base, folder / "lora.bin"
 
 
-def test_phi2_lora_bin_loads_but_cannot_generate(web, tmp_path):
+def test_phi2_lora_bin_loads(web, tmp_path):
     """loadLoraModel accepts our Phi-2 LoRA .bin (and refuses the base .bin given as a LoRA, so
-    loading does check the file); generating with it meets the shader failure below."""
+    loading does check the file). Generating with it cannot be checked: the base generation the
+    LoRA workaround needs fails (above), and without it the wasm module may crash instead."""
     base, lora = phi2_lora(tmp_path)
     web.load_model(base, GREEDY, lora_ranks=[4])
-    handle = web.load_lora(lora, warm_up=False)
-    with pytest.raises(WebRuntimeError, match="generating failed: .*GPUValidationError"):
-        web.generate(PROMPTS[0], handle)
+    assert web.load_lora(lora, warm_up=False)
     web.load_model(base, GREEDY, lora_ranks=[4])
     with pytest.raises(WebRuntimeError, match="loading LoRA model.bin failed"):
         web.load_lora(base, warm_up=False)
