@@ -279,18 +279,19 @@ class WebRuntime:
         self._generated = False
         self._run(f"loading {Path(model).name}", self.timeouts.load, "createLlm", self.serve(model), settings)
 
-    def load_lora(self, lora: Path) -> str:
+    def load_lora(self, lora: Path, warm_up: bool = True) -> str:
         """LlmInference.loadLoraModel; returns the handle to pass to generate().
 
         Two runtime defects are worked around here (seen with tasks-genai 0.10.29): generating
         with a LoRA loaded before the first generation crashes the wasm module ("memory access out
         of bounds"), and a LoRA first used after another one was loaded computes with the other's
         weights. So a base generation runs before the first load, and each LoRA generates once
-        right after it is loaded."""
-        if not self._generated:
+        right after it is loaded; `warm_up=False` skips both (to test loading alone)."""
+        if warm_up and not self._generated:
             self.generate(WARMUP_PROMPT)
         handle = self._run(f"loading LoRA {Path(lora).name}", self.timeouts.load, "loadLora", self.serve(lora))
-        self.generate(WARMUP_PROMPT, handle)
+        if warm_up:
+            self.generate(WARMUP_PROMPT, handle)
         return handle
 
     def generate(self, prompt: str, lora: str | None = None) -> str:
