@@ -19,6 +19,7 @@ from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata,
 class CheckedInputs:
     model: WeightFile
     tokenizer: spm.SentencePieceProcessor
+    tokenizer_bytes: bytes  # the SentencePiece model (converted when --tokenizer-model is a folder)
     start_id: int
     stop_ids: list[int]
 
@@ -43,7 +44,8 @@ def tokenizer_sizes(model_type: str, vocab_size: int) -> set[int]:
 
 def check_inputs(config: BundleConfig) -> CheckedInputs:
     """The model must be a GPU weights file (base, not LoRA), the tokenizer a SentencePiece
-    model with the model's vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
+    model (or a Hugging Face tokenizer folder, converted as lora-convert does) with the model's
+    vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
     if not model_path.is_file():
         raise ConversionError(f"--tflite-model {model_path}: file not found")
@@ -51,14 +53,17 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
                               "bundle the base model and ship LoRA files beside it")
-    _, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
+    if config.format == "litertlm" and tokenizer_path.is_dir():
+        raise ConversionError(f"--tokenizer-model {tokenizer_path} is a folder; .litertlm takes a SentencePiece "
+                              ".model file (a Hugging Face tokenizer folder works for .task bundles)")
+    tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
     vocab_size = model.parameters.vocab_size
     if vocab_size and tokenizer.vocab_size() not in tokenizer_sizes(model.subgraph_name, vocab_size):
         raise ConversionError(f"--tokenizer-model {tokenizer_path} has {tokenizer.vocab_size()} pieces but "
                               f"{model_path} was converted for a vocabulary of {vocab_size}")
     start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
-    return CheckedInputs(model, tokenizer, start_id, stop_ids)
+    return CheckedInputs(model, tokenizer, tokenizer_bytes, start_id, stop_ids)
 
 
 def write_bundle(config: BundleConfig) -> Path:
@@ -72,6 +77,6 @@ def write_bundle(config: BundleConfig) -> Path:
         return path
     metadata = bundle_metadata(config.start_token, list(config.stop_tokens), config.enable_bytes_to_unicode_mapping,
                                config.system_prompt, config.prompt_prefix, config.prompt_suffix)
-    write_zip(path, [(MODEL_ENTRY, Path(config.tflite_model)), (TOKENIZER_ENTRY, Path(config.tokenizer_model)),
+    write_zip(path, [(MODEL_ENTRY, Path(config.tflite_model)), (TOKENIZER_ENTRY, checked.tokenizer_bytes),
                      (METADATA_ENTRY, metadata)])
     return path

@@ -1,4 +1,4 @@
-"""Loading a SentencePiece tokenizer file with user-facing errors."""
+"""Loading a tokenizer (a SentencePiece file or a Hugging Face BPE folder) with user-facing errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +6,21 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import ConversionError
+from .hf_tokenizer import convert_hf_tokenizer
 
 
 def load_tokenizer(path: Path, option: str) -> tuple[bytes, spm.SentencePieceProcessor]:
-    """The file's bytes and the loaded processor; errors name `option` and the path."""
+    """The SentencePiece model bytes and the loaded processor; errors name `option` and the path.
+
+    A folder is a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json), converted as
+    MediaPipe's converter does (see converter/hf_tokenizer.py)."""
     if path.is_dir():
-        raise ConversionError(f"{option} {path} is a folder; expected a SentencePiece .model file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConversionError(f"{option} {path}: cannot read ({exc.strerror})") from None
+        data = convert_hf_tokenizer(path, option)
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConversionError(f"{option} {path}: cannot read ({exc.strerror})") from None
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(data)

@@ -1,0 +1,110 @@
+"""A Hugging Face BPE tokenizer folder as SentencePiece model bytes, as MediaPipe 0.10.21 writes them.
+
+Facts of MediaPipe's `ConvertHfTokenizer` (measured, tests/test_hf_tokenizer.py): the pieces are
+`tokenizer.json`'s model vocabulary in id order, scored -id, all NORMAL except the piece named by
+`tokenizer_config.json`'s `unk_token` (UNKNOWN); then each added token with `normalized` true, in
+the file's order, as USER_DEFINED scored 2**64 (those with `normalized` false, the special tokens
+of GPT-2-style tokenizers, are vocabulary pieces already). Merges and byte_fallback are not used.
+The model type is BPE and no normalization, whitespace escaping or dummy prefix is applied.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+from .errors import ConversionError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+ADDED_TOKEN_SCORE = float(2**64)
+
+
+def _read_json(path: Path, option: str) -> dict[str, Any]:
+    """A JSON object file; errors name the option and the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConversionError(f"{option} {path.parent}: the folder has no {path.name}; expected a SentencePiece "
+                              "model file or a Hugging Face tokenizer folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{option} {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{option} {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{option} {path}: expected a JSON object")
+    return data
+
+
+def _vocabulary(tokenizer: dict[str, Any], path: Path, option: str) -> list[str]:
+    """The BPE model's pieces in id order; the ids must be 0..N-1."""
+    model = tokenizer.get("model")
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "BPE":
+        raise ConversionError(f"{option} {path}: the tokenizer model is {kind or 'missing'}; expected a BPE model")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        raise ConversionError(f"{option} {path}: model.vocab must map pieces to integer ids")
+    pieces: list[str | None] = [None] * len(vocab)
+    for piece, index in vocab.items():
+        if not 0 <= index < len(pieces) or pieces[index] is not None:
+            raise ConversionError(f"{option} {path}: model.vocab ids must be 0..{len(vocab) - 1}, each once "
+                                  f"({piece!r} has id {index})")
+        pieces[index] = piece
+    return pieces  # type: ignore[return-value]
+
+
+def _appended_tokens(tokenizer: dict[str, Any], path: Path, option: str) -> list[str]:
+    """The added tokens MediaPipe appends: those with `normalized` true, in file order."""
+    added = tokenizer.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ConversionError(f"{option} {path}: added_tokens must be a list")
+    appended = []
+    for entry in added:
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                and isinstance(entry.get("normalized"), bool)):
+            raise ConversionError(f"{option} {path}: each added_tokens entry needs a string content and a "
+                                  f"boolean normalized ({entry!r})")
+        if entry["normalized"]:
+            appended.append(entry["content"])
+    return appended
+
+
+def _unk_token(config: dict[str, Any], path: Path, option: str) -> str:
+    unk = config.get("unk_token")
+    if not isinstance(unk, str):
+        raise ConversionError(f"{option} {path}: unk_token must be a string (MediaPipe requires one), "
+                              f"got {'nothing' if unk is None else repr(unk)}")
+    return unk
+
+
+def convert_hf_tokenizer(folder: Path, option: str) -> bytes:
+    """SentencePiece model bytes for the folder's tokenizer.json and tokenizer_config.json."""
+    tokenizer_path, config_path = folder / TOKENIZER_FILE, folder / CONFIG_FILE
+    tokenizer = _read_json(tokenizer_path, option)
+    unk = _unk_token(_read_json(config_path, option), config_path, option)
+    vocabulary = _vocabulary(tokenizer, tokenizer_path, option)
+    appended = _appended_tokens(tokenizer, tokenizer_path, option)
+    seen = set(vocabulary)
+    for token in appended:
+        if token in seen:
+            raise ConversionError(f"{option} {tokenizer_path}: added token {token!r} is already a piece; "
+                                  "MediaPipe would write it twice and SentencePiece refuses duplicates")
+        seen.add(token)
+    proto = spm_pb.ModelProto()
+    for index, piece in enumerate(vocabulary):
+        kind = spm_pb.ModelProto.SentencePiece.UNKNOWN if piece == unk else spm_pb.ModelProto.SentencePiece.NORMAL
+        proto.pieces.add(piece=piece, score=float(-index), type=kind)
+    for token in appended:
+        proto.pieces.add(piece=token, score=ADDED_TOKEN_SCORE, type=spm_pb.ModelProto.SentencePiece.USER_DEFINED)
+    proto.trainer_spec.model_type = spm_pb.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    for spec in (proto.normalizer_spec, proto.denormalizer_spec):
+        spec.add_dummy_prefix = False
+        spec.remove_extra_whitespaces = False
+        spec.escape_whitespaces = False
+    return proto.SerializeToString()
