@@ -7,6 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from converter.errors import ConversionError
+from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models import find_model_type
 from converter.tflite import WeightFile
 from converter.tokenizer import load_tokenizer
@@ -57,9 +58,11 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
         raise ConversionError(f"--tokenizer-model {tokenizer_path} is a folder; .litertlm takes a SentencePiece "
                               ".model file (a Hugging Face tokenizer folder works for .task bundles)")
     tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
-    vocab_size = model.parameters.vocab_size
-    if vocab_size and tokenizer.vocab_size() not in tokenizer_sizes(model.subgraph_name, vocab_size):
-        raise ConversionError(f"--tokenizer-model {tokenizer_path} has {tokenizer.vocab_size()} pieces but "
+    vocab_size, pieces = model.parameters.vocab_size, tokenizer.vocab_size()
+    # Hugging Face checkpoints pad their embeddings past the tokenizer (Phi-2: 51200 rows, 50295 pieces).
+    padded = is_converted_hf_tokenizer(tokenizer_bytes) and pieces <= vocab_size
+    if vocab_size and not padded and pieces not in tokenizer_sizes(model.subgraph_name, vocab_size):
+        raise ConversionError(f"--tokenizer-model {tokenizer_path} has {pieces} pieces but "
                               f"{model_path} was converted for a vocabulary of {vocab_size}")
     start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]

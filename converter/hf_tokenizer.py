@@ -108,3 +108,10 @@ def convert_hf_tokenizer(folder: Path, option: str) -> bytes:
         spec.remove_extra_whitespaces = False
         spec.escape_whitespaces = False
     return proto.SerializeToString()
+
+
+def is_converted_hf_tokenizer(model: bytes) -> bool:
+    """Whether SentencePiece model bytes look like a Hugging Face BPE conversion (ours or MediaPipe's):
+    a BPE model that leaves whitespace unescaped, which SentencePiece's own trainer never writes."""
+    proto = spm_pb.ModelProto.FromString(model)
+    return proto.trainer_spec.model_type == spm_pb.TrainerSpec.BPE and not proto.normalizer_spec.escape_whitespaces

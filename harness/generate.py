@@ -18,6 +18,7 @@ from converter.errors import ConversionError
 from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
+from converter.tokenizer import load_tokenizer
 
 from .linear import threads_for
 from .reference import ReferenceModel
@@ -32,18 +33,20 @@ class LoadedModel:
 
 
 def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None) -> LoadedModel:
-    """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle)."""
+    """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle); a given
+    tokenizer is a SentencePiece file or a Hugging Face tokenizer folder (converted as lora-convert does)."""
     if not Path(model_path).is_file():
         raise ConversionError(f"--model {model_path}: file not found")
     weights, task = open_weights(Path(model_path))
+    given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
     tokenizer = spm.SentencePieceProcessor()
     if task is not None:
-        tokenizer.LoadFromSerializedProto(Path(tokenizer_path).read_bytes() if tokenizer_path else task.read(TOKENIZER_ENTRY))
+        tokenizer.LoadFromSerializedProto(given or task.read(TOKENIZER_ENTRY))
         metadata = task.metadata()
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
     else:
-        blob = Path(tokenizer_path).read_bytes() if tokenizer_path else weights.metadata.get(SPM_VOCAB_MODEL)
+        blob = given or weights.metadata.get(SPM_VOCAB_MODEL)
         if not blob:
             raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
         tokenizer.LoadFromSerializedProto(blob)

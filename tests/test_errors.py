@@ -95,6 +95,16 @@ def both(*edits):
     return edit
 
 
+def hf_tokenizer(damage):
+    """A Hugging Face tokenizer folder in the checkpoint (tests/test_hf_tokenizer.py), then damaged."""
+    def edit(ckpt, lora):
+        from .test_hf_tokenizer import handmade_tokenizer
+
+        damage(handmade_tokenizer(ckpt / "hf-tokenizer"))
+    return edit
+
+
+HF_TOKENIZER_ARGS = ("--vocab-model-file", "{ckpt}/hf-tokenizer")
 MERGE_ARGS = ("--lora-ckpt", "{lora}", "--merge-lora", "--merge-unsupported")
 PREFIX = "base_model.model.model."
 
@@ -118,7 +128,17 @@ CASES = {
     "missing tokenizer": (None, ("--vocab-model-file", "{tmp}/none.model"), ["none.model", "cannot read"]),
     "invalid tokenizer": (write("bad.model", b"\x00\x01 not sentencepiece"), ("--vocab-model-file", "{ckpt}/bad.model"),
                           ["bad.model", "SentencePiece"]),
-    "tokenizer folder": (None, ("--vocab-model-file", "{ckpt}"), ["folder", "SentencePiece"]),
+    "tokenizer folder without tokenizer.json": (None, ("--vocab-model-file", "{ckpt}"),
+                                                ["folder", "tokenizer.json", "SentencePiece"]),
+    "tokenizer folder without tokenizer_config.json": (
+        hf_tokenizer(lambda folder: (folder / "tokenizer_config.json").unlink()), HF_TOKENIZER_ARGS,
+        ["tokenizer_config.json"]),
+    "tokenizer folder with broken JSON": (
+        hf_tokenizer(lambda folder: (folder / "tokenizer.json").write_text("{")), HF_TOKENIZER_ARGS,
+        ["tokenizer.json", "not valid JSON"]),
+    "tokenizer folder of a WordPiece model": (
+        hf_tokenizer(lambda folder: edit_json(folder / "tokenizer.json", model={"type": "WordPiece", "vocab": {}})),
+        HF_TOKENIZER_ARGS, ["tokenizer.json", "WordPiece", "BPE"]),
     "unsupported model type": (None, ("--model-type", "LLAMA_3"), ["LLAMA_3", "GEMMA_2B"]),
     "cpu backend": (None, ("--backend", "cpu"), ["--backend cpu"]),
     "output dir is a file": (None, ("--output-dir", "{ckpt}/config.json"), ["--output-dir", "file"]),

@@ -17,10 +17,10 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
 from converter.errors import ConversionError
-from converter.hf_tokenizer import convert_hf_tokenizer
+from converter.hf_tokenizer import convert_hf_tokenizer, is_converted_hf_tokenizer
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
 
-from .conftest import ROOT
+from .conftest import ROOT, run_convert
 
 OPTION = "--vocab-model-file"
 TEXT = ["Hello world, the quick brown fox jumps over the lazy dog.", "The lazy dog sleeps; hello again world!",
@@ -184,3 +184,61 @@ def test_bad_folder_is_one_clear_error(tmp_path, case):
     assert "\n" not in message and message.startswith(OPTION)
     for word in words:
         assert word in message, (word, message)
+
+
+def test_phi2_converts_bundles_and_runs_with_a_tokenizer_folder(tmp_path):
+    """lora-convert embeds the folder's SentencePiece bytes; lora-bundle (.task) and lora-run take
+    the folder too; Phi-2's stop token "<|endoftext|>" resolves to the Hugging Face id."""
+    from tokenizers import Tokenizer
+
+    from harness.generate import load, prompt_ids
+
+    from .test_bundler import run_bundle
+    from .test_families_other import hf_model, save
+
+    folder = trained_tokenizer(tmp_path / "tok", **TOKENIZERS["phi-2"])
+    expected = convert_hf_tokenizer(folder, OPTION)
+    checkpoint = save(hf_model("PHI_2"), tmp_path / "ckpt", pytorch=False)
+    out = tmp_path / "out"
+    result = run_convert("--model-type", "PHI_2", "--input-ckpt", checkpoint, "--vocab-model-file", folder,
+                         "--output-dir", out, "--output-tflite-file", out / "model.bin", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert WeightFile(out / "model.bin").metadata[SPM_VOCAB_MODEL] == expected
+    task = tmp_path / "phi.task"
+    result = run_bundle("--tflite-model", out / "model.bin", "--tokenizer-model", folder, "--start-token",
+                        "<|endoftext|>", "--stop-tokens", "<|endoftext|>", "--output-filename", task)
+    assert result.exit_code == 0, result.output
+    from bundler.task import TOKENIZER_ENTRY, TaskFile
+
+    assert TaskFile(task).read(TOKENIZER_ENTRY) == expected
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|endoftext|>")
+    for loaded in (load(out / "model.bin"), load(out / "model.bin", tokenizer_path=folder), load(task)):
+        assert loaded.stop_ids == {eos}
+        assert prompt_ids(loaded, "theĠlazyĠdog")[1:] == Tokenizer.from_file(
+            str(folder / "tokenizer.json")).encode("the lazy dog").ids
+
+
+def test_folder_with_more_pieces_than_the_model_is_refused(tmp_path):
+    from .test_families_other import hf_model, save
+
+    folder = trained_tokenizer(tmp_path / "tok", **TOKENIZERS["phi-2"])
+    checkpoint = save(hf_model("PHI_2", vocab_size=300), tmp_path / "ckpt", pytorch=False)
+    out = tmp_path / "out"
+    result = run_convert("--model-type", "PHI_2", "--input-ckpt", checkpoint, "--vocab-model-file", folder,
+                         "--output-dir", out, "--output-tflite-file", out / "model.bin", "--quiet")
+    assert result.exit_code == 1 and f"{folder}: tokenizer has 323 pieces" in result.stderr, result.output
+    assert not (out / "model.bin").exists()
+
+
+def test_litertlm_bundle_refuses_a_folder(tmp_path):
+    from .test_bundler import run_bundle
+
+    folder = handmade_tokenizer(tmp_path / "tok")
+    result = run_bundle("--tflite-model", ROOT / "README.md", "--tokenizer-model", folder, "--start-token", "x",
+                        "--stop-tokens", "x", "--output-filename", tmp_path / "m.litertlm", "--format", "litertlm")
+    assert result.exit_code != 0
+
+
+def test_only_hugging_face_conversions_count_as_such(tmp_path):
+    assert is_converted_hf_tokenizer(convert_hf_tokenizer(handmade_tokenizer(tmp_path / "tok"), OPTION))
+    assert not is_converted_hf_tokenizer((ROOT / "fixtures" / "tiny-gemma" / "tokenizer.model").read_bytes())
