@@ -15,6 +15,7 @@ import torch
 
 from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
+from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
@@ -30,6 +31,16 @@ class LoadedModel:
     tokenizer: spm.SentencePieceProcessor
     start_id: int
     stop_ids: set[int]
+    byte_level: bool = False  # a Hugging Face BPE vocabulary: spaces are "Ġ" pieces (see `runtime_text`)
+
+
+BYTE_LEVEL_SPACE = "\u0120"  # "Ġ", GPT-2 byte-level BPE's space
+
+
+def runtime_text(loaded: LoadedModel, prompt: str) -> str:
+    """The prompt as the runtime tokenizes it: with a byte-level BPE vocabulary it writes each space
+    as "Ġ" (observed in the web runtime with FALCON_RW_1B; other bytes' mapping is unobserved)."""
+    return prompt.replace(" ", BYTE_LEVEL_SPACE) if loaded.byte_level else prompt
 
 
 def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None) -> LoadedModel:
@@ -41,7 +52,8 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
     given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
     tokenizer = spm.SentencePieceProcessor()
     if task is not None:
-        tokenizer.LoadFromSerializedProto(given or task.read(TOKENIZER_ENTRY))
+        blob = given or task.read(TOKENIZER_ENTRY)
+        tokenizer.LoadFromSerializedProto(blob)
         metadata = task.metadata()
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
@@ -54,7 +66,8 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
         start_id = params.start_token_id if params.HasField("start_token_id") else tokenizer.piece_to_id(params.start_token)
         stops = list(params.stop_tokens)
     lora = WeightFile(lora_path) if lora_path else None
-    return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops})
+    return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops},
+                       is_converted_hf_tokenizer(blob))
 
 
 def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -> int:
@@ -67,7 +80,7 @@ def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -
 
 def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
     """The start token and the prompt's tokens, as the runtime feeds them."""
-    return [loaded.start_id] + loaded.tokenizer.encode(prompt)
+    return [loaded.start_id] + loaded.tokenizer.encode(runtime_text(loaded, prompt))
 
 
 def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
@@ -114,6 +127,8 @@ def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None) -
     for token in generate_ids(loaded, prompt, options):
         ids.append(token)
         decoded = loaded.tokenizer.decode(ids)
+        if loaded.byte_level:
+            decoded = decoded.replace(BYTE_LEVEL_SPACE, " ")
         if on_text and decoded.startswith(text):
             on_text(decoded[len(text):])
         text = decoded

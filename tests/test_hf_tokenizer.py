@@ -212,10 +212,31 @@ def test_phi2_converts_bundles_and_runs_with_a_tokenizer_folder(tmp_path):
 
     assert TaskFile(task).read(TOKENIZER_ENTRY) == expected
     eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|endoftext|>")
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for loaded in (load(out / "model.bin"), load(out / "model.bin", tokenizer_path=folder), load(task)):
-        assert loaded.stop_ids == {eos}
-        assert prompt_ids(loaded, "theĠlazyĠdog")[1:] == Tokenizer.from_file(
-            str(folder / "tokenizer.json")).encode("the lazy dog").ids
+        assert loaded.stop_ids == {eos} and loaded.byte_level
+        assert prompt_ids(loaded, "Hello world, the lazy dog")[1:] == hf.encode("Hello world, the lazy dog").ids
+
+
+def test_lora_run_writes_spaces_as_the_runtime_does_for_byte_level_vocabularies(tmp_path, monkeypatch):
+    """Prompts: spaces become "Ġ" before SentencePiece sees them (the web runtime's observed
+    behaviour, README "Other families in the web runtime"), which gives the Hugging Face ids;
+    output: "Ġ" pieces come back as spaces, as the Hugging Face decoder gives them."""
+    from tokenizers import Tokenizer
+
+    from harness import generate as gen
+    from harness.generate import LoadedModel, prompt_ids
+
+    folder = trained_tokenizer(tmp_path / "tok", **TOKENIZERS["falcon-rw"])
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = spm.SentencePieceProcessor(model_proto=convert_hf_tokenizer(folder, OPTION))
+    loaded = LoadedModel(None, tokenizer, 0, set(), byte_level=True)
+    text = "The quick brown fox jumps over the lazy dog"
+    assert prompt_ids(loaded, text) == [0] + hf.encode(text).ids
+    assert prompt_ids(LoadedModel(None, tokenizer, 0, set()), text) != [0] + hf.encode(text).ids
+    answer = hf.encode(" hello again world").ids
+    monkeypatch.setattr(gen, "generate_ids", lambda *args: iter(answer))
+    assert gen.generate(loaded, "", None).text == hf.decode(answer) == " hello again world"
 
 
 def test_folder_with_more_pieces_than_the_model_is_refused(tmp_path):
