@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converter import tflite
 from converter.config import ConversionConfig
 from converter.convert import WRITERS
 from converter.adapter import load_adapter
@@ -26,7 +24,8 @@ from converter.models import find_model_type
 from converter.plan import ConversionPlan, plan_base, plan_lora
 
 from .conftest import ROOT, TOKENIZER
-from .test_oracle import (ATTENTION_TARGETS, PRESETS, MemorySink, SeededSource, assert_matches_record, hf_config,
+from .test_oracle import (ATTENTION_TARGETS, PRESETS, MemorySink, SeededSource, assert_layout_matches_record,
+                          assert_matches_record, hf_config,
                           model_shapes, oracle_python, random_tensor, recorded, write_adapter)
 
 pytestmark = pytest.mark.oracle
@@ -48,17 +47,6 @@ def real_shape_plan(preset: str, quantization: str, adapter_dir=None) -> Convers
         plan.adapter = load_adapter(adapter_dir, family, dims, preset)
         plan.lora = plan_lora(family, dims, plan.adapter, 8, compat=True, peft_scaling=False)
     return plan
-
-
-def assert_layout_matches_record(plan: ConversionPlan, items: list, lora_rank: int | None, record: dict) -> None:
-    """The flatbuffer region (with its padding), file size, tensor order and offsets are MediaPipe's."""
-    specs = [spec for item in items for spec in item.outputs]
-    layout = tflite.plan_layout(plan.model_type.name, specs, plan.metadata(lora_rank))
-    region = layout.flatbuffer + bytes(layout.blob_offsets[0] - len(layout.flatbuffer))
-    assert hashlib.sha256(region).hexdigest() == record["flatbuffer_sha256"]
-    assert layout.file_size == record["file_size"]
-    assert [s.name for s in specs] == sorted(record["tensors"], key=lambda n: record["tensors"][n]["offset"])
-    assert layout.tensor_offsets == sorted(t["offset"] for t in record["tensors"].values())
 
 
 def layer_items(plan: ConversionPlan, layer: int = LAYER) -> list:

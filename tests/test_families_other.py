@@ -22,6 +22,7 @@ from converter.tflite import WeightFile
 from harness.reference import ReferenceModel
 
 from .conftest import ROOT, TOKENIZER, run_convert
+from .test_oracle import assert_layout_matches_record
 
 TINY_CONFIGS = {
     "PHI_2": dict(model_type="phi", vocab_size=512, hidden_size=80, intermediate_size=160, num_hidden_layers=2,
@@ -279,18 +280,6 @@ def recorded_plan(model_type: str, quantization: str, adapter_dir: Path | None =
     return plan
 
 
-def assert_layout_is_recorded(plan, items, lora_rank, record: dict) -> None:
-    from converter import tflite
-
-    specs = [spec for item in items for spec in item.outputs]
-    layout = tflite.plan_layout(plan.model_type.name, specs, plan.metadata(lora_rank))
-    region = layout.flatbuffer + bytes(layout.blob_offsets[0] - len(layout.flatbuffer))
-    assert hashlib.sha256(region).hexdigest() == record["flatbuffer_sha256"]
-    assert layout.file_size == record["file_size"]
-    assert [s.name for s in specs] == sorted(record["tensors"], key=lambda n: record["tensors"][n]["offset"])
-    assert layout.tensor_offsets == sorted(t["offset"] for t in record["tensors"].values())
-
-
 def encoded_digests(plan, items) -> dict[str, str]:
     from converter.convert import WRITERS
     from tests.test_oracle import MemorySink
@@ -316,7 +305,7 @@ def test_real_shape_file_matches_mediapipes_output(model_type, quantization):
     the final norm, regenerated from their seeds, hash the same."""
     record = json.loads((ROOT / "fixtures" / "oracle" / RECORDS[model_type, quantization]).read_text())["base"]
     plan = recorded_plan(model_type, quantization)
-    assert_layout_is_recorded(plan, plan.base, None, record)
+    assert_layout_matches_record(plan, plan.base, None, record)
     layer = [item for item in plan.base
              if any(f"x_layers_{LAYER}." in s.name or "final_ln" in s.name for s in item.outputs)]
     digests = encoded_digests(plan, layer)
@@ -331,7 +320,7 @@ def test_phi2_lora_matches_mediapipes_encoding_of_its_intended_names(tmp_path):
     left first, and reinterprets post's buffers; --mediapipe-compat reproduces every byte."""
     record = json.loads((ROOT / "fixtures" / "oracle" / RECORDS["PHI_2", "int8"]).read_text())["lora"]
     plan = recorded_plan("PHI_2", "int8", tmp_path / "adapter")
-    assert_layout_is_recorded(plan, plan.lora, 8, record)
+    assert_layout_matches_record(plan, plan.lora, 8, record)
     digests = encoded_digests(plan, plan.lora)
     assert len(digests) == 4 * 2 * 32
     assert digests == {name: record["tensors"][name]["sha256"] for name in digests}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from converter.hf_tokenizer import convert_hf_tokenizer, is_converted_hf_tokeniz
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
 
 from .conftest import ROOT, run_convert
+from .test_oracle import oracle_python
 
 OPTION = "--vocab-model-file"
 TEXT = ["Hello world, the quick brown fox jumps over the lazy dog.", "The lazy dog sleeps; hello again world!",
@@ -93,16 +93,6 @@ def handmade_tokenizer(folder: Path) -> Path:
 # sha256 of the SentencePiece bytes MediaPipe 0.10.21's ConvertHfTokenizer writes for
 # handmade_tokenizer (recorded from the oracle venv by the oracle test below).
 HANDMADE_ORACLE_SHA256 = "6e0091a23c4ef30ad7ef1e71e32794859e7dcf44592a9cb636a8730d3e82e398"
-
-
-def oracle_python() -> str:
-    path = Path(os.environ.get("ORACLE_VENV", ROOT / ".oracle-venv")) / "bin" / "python"
-    if not path.exists():
-        message = f"oracle venv not found at {path}: run scripts/setup_oracle.sh"
-        if os.environ.get("REQUIRE_ORACLE"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(path)
 
 
 def oracle_convert(folder: Path, out: Path) -> bytes:

@@ -157,8 +157,9 @@ def assert_matches_record(plan, items, record: dict) -> int:
 
 
 def assert_layout_matches_record(plan, items, lora_rank, record: dict) -> None:
+    """The flatbuffer region (with its padding), file size, tensor order and offsets are MediaPipe's."""
     specs = [spec for item in items for spec in item.outputs]
-    layout = tflite.plan_layout("GEMMA_2B", specs, plan.metadata(lora_rank))
+    layout = tflite.plan_layout(plan.model_type.name, specs, plan.metadata(lora_rank))
     region = layout.flatbuffer + bytes(layout.blob_offsets[0] - len(layout.flatbuffer))
     assert hashlib.sha256(region).hexdigest() == record["flatbuffer_sha256"]
     assert layout.file_size == record["file_size"]
