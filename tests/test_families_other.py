@@ -346,3 +346,27 @@ def test_falcon_runs_in_litertlm_gpu_as_in_the_reference_runtime(tmp_path):
     runtime = run_litertlm(bundle, "one two three", 24)
     ours = generate(load(out / "model.bin"), "one two three", Options(max_tokens=24, top_k=1, temperature=0)).text
     assert runtime["base"] == ours and ours
+
+
+@pytest.mark.parametrize("model_type,targets", [
+    ("FALCON_RW_1B", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),  # fused qkv: merged, then split
+    ("STABLELM_4E1T_3B", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+])
+def test_adapter_merged_where_the_runtime_takes_no_lora(tmp_path, model_type, targets):
+    """Types without runtime LoRA take an adapter merged into the base (--merge-lora --merge-unsupported):
+    the reference runtime on the one merged file gives PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    checkpoint = save(hf_model(model_type), tmp_path / "ckpt", False)
+    torch.manual_seed(7)
+    peft = get_peft_model(hf_model(model_type), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
+                                                           init_lora_weights=False)).eval()
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    out = convert(checkpoint, model_type, tmp_path / "out", "fp32", "--lora-ckpt", tmp_path / "adapter",
+                  "--merge-lora", "--merge-unsupported")
+    merged = ReferenceModel(WeightFile(out / "model.bin"))
+    for ids in PROMPTS:
+        theirs = logits(peft, ids)
+        with peft.disable_adapter():
+            assert (theirs - logits(peft, ids)).abs().max() > 0.2  # the adapter matters
+        torch.testing.assert_close(merged.forward(ids)[0], theirs, atol=1e-4, rtol=0)
