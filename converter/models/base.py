@@ -230,8 +230,9 @@ def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
 
 def sized_parameters(dims: Dims, start_token_id: int, stop_tokens: list[str],
                      num_kv_heads: int | None = None) -> llm_params_pb2.LlmParameters:
-    """LlmParameters with what every family writes alike: vocabulary, start/stop tokens, batch 1 and
-    the transformer's sizes (`num_kv_heads` defaults to MediaPipe's 0-for-multi-head convention)."""
+    """LlmParameters with what every family writes alike: vocabulary, start/stop tokens, batch 1, the
+    transformer's sizes (`num_kv_heads` defaults to MediaPipe's 0-for-multi-head convention) and the
+    runtime's embedding flags (no absolute positions, per-layer/ngrammer embeddings loaded on demand)."""
     params = llm_params_pb2.LlmParameters(vocab_size=dims.vocab_size, start_token_id=start_token_id,
                                           stop_tokens=stop_tokens)
     t = params.transformer_parameters
@@ -242,6 +243,9 @@ def sized_parameters(dims: Dims, start_token_id: int, stop_tokens: list[str],
     t.num_heads = dims.num_heads
     t.num_stacks = dims.num_layers
     t.num_kv_heads = kv_heads_field(dims) if num_kv_heads is None else num_kv_heads
+    t.skip_absolute_positional_embeddings = True
+    t.load_per_layer_embedding_dynamically = True
+    t.load_ngrammer_embedding_dynamically = True
     return params
 
 

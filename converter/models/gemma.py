@@ -104,9 +104,6 @@ def base_parameters(dims: Dims, *, post_norms: bool = False, attention_cap: floa
             attention_scale_type=scale_type,
         )
     )
-    t.skip_absolute_positional_embeddings = True
-    t.load_per_layer_embedding_dynamically = True
-    t.load_ngrammer_embedding_dynamically = True
     return params
 
 

@@ -40,9 +40,6 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     t.pre_norm, t.post_norm, t.final_norm = TP.LAYER_NORM, TP.NO_NORM, TP.LAYER_NORM
     t.self_attention_parameters.CopyFrom(TP.SelfAttentionParameters(
         attention_mask_type=TP.CAUSAL, attention_scale_type=TP.SCALE_TYPE_INV_SQRT_HEAD_DIM))
-    t.skip_absolute_positional_embeddings = True
-    t.load_per_layer_embedding_dynamically = True
-    t.load_ngrammer_embedding_dynamically = True
     return params
 
 

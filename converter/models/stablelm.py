@@ -37,9 +37,6 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     t.self_attention_parameters.CopyFrom(TP.SelfAttentionParameters(
         qkv_no_bias=True, post_proj_no_bias=True, attention_mask_type=TP.CAUSAL,
         attention_scale_type=TP.SCALE_TYPE_INV_SQRT_HEAD_DIM))
-    t.skip_absolute_positional_embeddings = True
-    t.load_per_layer_embedding_dynamically = True
-    t.load_ngrammer_embedding_dynamically = True
     return params
 
 
