@@ -94,12 +94,12 @@ def _plain(key: str) -> str:
     return key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
 
 
-def canonical(name: str, prefixes: tuple[str, ...] = ()) -> str:
+def canonical(name: str, family: ModelFamily | None = None) -> str:
     """A tensor or module name without PEFT's wrappers, the family's name prefixes (a multimodal
     model's `language_model.`) and leading `model.`s (base and adapter alike)."""
     name = _plain(name)
-    for prefix in prefixes:
-        name = name.replace(prefix, "", 1)
+    if family is not None:
+        name = family.text_name(name)
     while name.startswith("model."):
         name = name[len("model."):]
     return name
@@ -146,7 +146,7 @@ def _group_keys(source: TensorSource, file: Path, family: ModelFamily) -> dict[s
         for kind, pattern in KEY_KINDS:
             match = pattern.match(_plain(key))
             if match:
-                modules.setdefault(canonical(match.group(1), family.name_prefixes), {})[kind] = key
+                modules.setdefault(canonical(match.group(1), family), {})[kind] = key
                 break
         else:
             unknown.append(key)

@@ -17,16 +17,17 @@ import torch
 from .adapter import TensorMerge, canonical
 from .checkpoint import TensorSource
 from .errors import ConversionError
+from .models.base import ModelFamily
 
 
 class MergedSource(TensorSource):
     """A base checkpoint whose adapted tensors read as their merged float32 values."""
 
     def __init__(self, base: TensorSource, adapter: TensorSource, merges: tuple[TensorMerge, ...],
-                 prefixes: tuple[str, ...] = ()):
+                 family: ModelFamily | None = None):
         super().__init__(base.infos)
         self.base, self.adapter = base, adapter
-        names = {canonical(name, prefixes): name for name in base.names()}  # plan_base made sure every target is there
+        names = {canonical(name, family): name for name in base.names()}  # plan_base made sure every target is there
         self.merges: dict[str, TensorMerge] = {names[m.target]: m for m in merges}
         self._factors: tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 

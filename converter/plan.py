@@ -171,10 +171,7 @@ def _add_slice(source: TensorSource, name: str, rule: WeightRule, dims: Dims) ->
 def _strip_prefix(name: str, family: ModelFamily) -> str:
     """The checkpoint name as the family's rules spell it: without PEFT's and the family's prefixes
     (e.g. Gemma 3's `language_model.` in `language_model.model.layers.0...` and `model.language_model.layers.0...`)."""
-    name = name.removeprefix("base_model.model.")
-    for prefix in family.name_prefixes:
-        name = name.replace(prefix, "", 1)
-    return name
+    return family.text_name(name.removeprefix("base_model.model."))
 
 
 def _plan_weight(rule: WeightRule, name: str, mp_name: str, shape: tuple[int, ...], dtype: str,
@@ -253,7 +250,7 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
             plan.adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                         config.merge_mode, hf_config)
             source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges,
-                                        family.name_prefixes)
+                                        family)
         elif config.lora_ckpt is not None:
             check_lora_supported(family, model_type)
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,

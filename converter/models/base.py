@@ -192,6 +192,13 @@ class ModelFamily:
     def model_type(self, name: str) -> ModelType:
         return next(t for t in self.model_types if t.name == name)
 
+    def text_name(self, name: str) -> str:
+        """A checkpoint or adapter name without the family's `name_prefixes` (each dropped once,
+        wherever it stands: `language_model.model.layers...`, `model.language_model.layers...`)."""
+        for prefix in self.name_prefixes:
+            name = name.replace(prefix, "", 1)
+        return name
+
     def lora_rule(self, module: str) -> LoraRule | None:
         return next((rule for rule in self.lora if rule.hf_module == module), None)
 
