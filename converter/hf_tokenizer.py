@@ -9,13 +9,13 @@ The model type is BPE and no normalization, whitespace escaping or dummy prefix 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
 from .errors import ConversionError
+from .files import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -23,21 +23,14 @@ ADDED_TOKEN_SCORE = float(2**64)
 
 
 def _read_json(path: Path, option: str) -> dict[str, Any]:
-    """A JSON object file; errors name the option and the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """A JSON object file (`read_json_object`); errors name the option and the file."""
+    if not path.is_file():
         raise ConversionError(f"{option} {path.parent}: the folder has no {path.name}; expected a SentencePiece "
-                              "model file or a Hugging Face tokenizer folder") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{option} {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+                              "model file or a Hugging Face tokenizer folder")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{option} {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{option} {path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ConversionError as exc:
+        raise ConversionError(f"{option} {exc}") from None
 
 
 def _vocabulary(tokenizer: dict[str, Any], path: Path, option: str) -> list[str]:
