@@ -212,25 +212,33 @@ def test_kv_cache_decoding_equals_full_forward(tiny):
     torch.testing.assert_close(torch.cat([first, rest]), full, atol=1e-5, rtol=0)
 
 
+def multimodal_gemma3(folder: Path, layers: int, seed: int):
+    """A tiny random Gemma3ForConditionalGeneration (vision tower, projector, 64 image-token rows)
+    saved to `folder` as transformers saves it; returned in eval mode."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=512 + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.05)
+    model.eval().save_pretrained(str(folder))
+    return model
+
+
 def test_text_part_of_a_multimodal_gemma3_checkpoint(tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint as transformers saves it (`language_model.` names,
     vision tower, projector) converts as GEMMA3_4B from its text part; the 64 image-token rows have
     no tokenizer pieces and the bundle accepts that; the logits are transformers'."""
     from click.testing import CliRunner
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     from bundler.cli import main as bundle_main
 
-    text = dict(vocab_size=512 + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.05)
-    model.eval().save_pretrained(str(tmp_path / "ckpt"))
+    model = multimodal_gemma3(tmp_path / "ckpt", layers=7, seed=0)
     result = convert(ConversionConfig(input_ckpt=tmp_path / "ckpt", ckpt_format="safetensors", model_type="GEMMA3_4B",
                                       output_dir=tmp_path / "out", vocab_model_file=TOKENIZER, quantization="fp32"))
     ours = ReferenceModel(WeightFile(result.output))
@@ -256,18 +264,8 @@ def test_adapter_of_a_multimodal_gemma3_converts_for_its_text_part(tmp_path):
     plus vision-tower LoRA the text runtime has no place for: left out with a warning) converts as a
     LoRA file and merges; both give PEFT's text-only logits."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    text = dict(vocab_size=512 + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(1)
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.05)
-    model.eval().save_pretrained(str(tmp_path / "ckpt"))
+    model = multimodal_gemma3(tmp_path / "ckpt", layers=2, seed=1)
     base_logits = [logits(model, ids) for ids in PROMPTS]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                       "o_proj"]))
@@ -305,22 +303,8 @@ def test_gemma_7b_parameters_are_mediapipes_2b_bytes_with_7b_sizes():
 def test_litertlm_gpu_output_equals_the_reference_runtime(tiny, tmp_path):
     """LiteRT-LM's GPU executor (SwiftShader) loads the tiny Gemma 2 / Gemma 3 int8 files and
     generates the reference runtime's greedy text, with and without the LoRA file."""
-    from click.testing import CliRunner
-
-    from bundler.cli import main as bundle_main
-    from harness.generate import Options, generate, load
-
-    from .test_bundler import run_litertlm
+    from .test_harness import assert_litertlm_matches_reference
 
     preset, _, _, files = tiny
     base, adapter = (weights.path for weights in files["int8"])
-    bundle = tmp_path / f"{preset.lower()}.litertlm"
-    result = CliRunner().invoke(bundle_main, ["--tflite-model", str(base), "--tokenizer-model", str(TOKENIZER),
-                                              "--start-token", "<bos>", "--stop-tokens", "<eos>",
-                                              "--output-filename", str(bundle), "--format", "litertlm"])
-    assert result.exit_code == 0, result.output
-    runtime = run_litertlm(bundle, "one two three", 24, adapter, 8)
-    options = Options(max_tokens=24, top_k=1, temperature=0)
-    assert runtime["base"] == generate(load(base), "one two three", options).text
-    assert runtime["lora"] == generate(load(base, adapter), "one two three", options).text
-    assert runtime["base"] != runtime["lora"]
+    assert_litertlm_matches_reference(base, adapter, tmp_path / f"{preset.lower()}.litertlm")

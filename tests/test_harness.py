@@ -126,27 +126,32 @@ def test_lora_run_cli_streams_and_reports_speed(files):
     assert missing.exit_code == 1 and missing.stderr.startswith("error: --model nowhere.bin")
 
 
-@pytest.mark.runtime
-def test_litertlm_gpu_output_equals_the_reference_runtime(files, tmp_path):
-    """Greedy text from LiteRT-LM's GPU executor (SwiftShader) is the reference runtime's, with
-    and without our LoRA (alpha folded, plain o_proj encoding)."""
+def assert_litertlm_matches_reference(base: Path, adapter: Path, bundle: Path) -> None:
+    """Bundle `base` as `.litertlm`; LiteRT-LM's GPU greedy text, without and with the LoRA file
+    `adapter`, is the reference runtime's, and the adapter changes it."""
     from click.testing import CliRunner
 
     from bundler.cli import main as bundle_main
 
     from .test_bundler import run_litertlm
 
-    base, adapter = files["int8"]
-    bundle = tmp_path / "tiny.litertlm"
     result = CliRunner().invoke(bundle_main, ["--tflite-model", str(base), "--tokenizer-model", str(TOKENIZER),
                                               "--start-token", "<bos>", "--stop-tokens", "<eos>",
                                               "--output-filename", str(bundle), "--format", "litertlm"])
     assert result.exit_code == 0, result.output
     runtime = run_litertlm(bundle, "one two three", 24, adapter, 8)
     options = Options(max_tokens=24, top_k=1, temperature=0)
-    assert runtime["base"] == generate(load(Path(base)), "one two three", options).text
-    assert runtime["lora"] == generate(load(Path(base), Path(adapter)), "one two three", options).text
+    assert runtime["base"] == generate(load(base), "one two three", options).text
+    assert runtime["lora"] == generate(load(base, adapter), "one two three", options).text
     assert runtime["base"] != runtime["lora"]
+
+
+@pytest.mark.runtime
+def test_litertlm_gpu_output_equals_the_reference_runtime(files, tmp_path):
+    """Greedy text from LiteRT-LM's GPU executor (SwiftShader) is the reference runtime's, with
+    and without our LoRA (alpha folded, plain o_proj encoding)."""
+    base, adapter = files["int8"]
+    assert_litertlm_matches_reference(Path(base), Path(adapter), tmp_path / "tiny.litertlm")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
