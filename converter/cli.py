@@ -15,13 +15,14 @@ from .merge import MergedSource
 from .models import FAMILIES, model_type_names
 from .models.base import ModelFamily, ModelType
 from .plan import ConversionPlan, make_plan
+from .split import SplittingSource
 from .version import version_option
 
 
 def print_plan(plan: ConversionPlan) -> None:
     """One line per output tensor: input (`+ LoRA` etc. where an adapter is merged into it), output,
     input shape, dtype, encoding, bytes."""
-    merged = plan.source.inner  # the checkpoint under the fused-tensor splitter
+    merged = plan.source.inner if isinstance(plan.source, SplittingSource) else plan.source  # under the splitter
     merges = merged.merges if isinstance(merged, MergedSource) else {}
     if merges:
         click.echo(f"# merging {plan.config.lora_ckpt} into {len(merges)} base tensors; no LoRA file")
