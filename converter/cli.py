@@ -167,6 +167,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:
     """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("input_ckpt", "output_dir", "vocab_model_file") if not kwargs[k]]
+    if missing and not check_adapter:
+        raise click.UsageError(f"Missing option(s) {', '.join(missing)}")
     try:
         check_adapter = resolve_inputs(kwargs, check_adapter, quiet)
     except ConversionError as exc:
@@ -178,9 +181,6 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
         except ConversionError as exc:
             fail(exc)
         return
-    missing = [f"--{k.replace('_', '-')}" for k in ("input_ckpt", "output_dir", "vocab_model_file") if not kwargs[k]]
-    if missing:
-        raise click.UsageError(f"Missing option(s) {', '.join(missing)}")
     try:
         plan = make_plan(ConversionConfig(**kwargs))
     except ConversionError as exc:
