@@ -9,6 +9,8 @@ from . import config as options
 from .config import ConversionConfig
 from .convert import execute
 from .errors import ConversionError
+from .files import check_input
+from .supervisor import SupervisedCommand
 from .merge import MergedSource
 from .models import FAMILIES, model_type_names
 from .models.base import ModelFamily, ModelType
@@ -50,6 +52,9 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
     from .models import find_model_type
     from .plan import check_lora_supported, resolve_dims
 
+    check_input(adapter, "--check-adapter", folder=True)
+    if input_ckpt:
+        check_input(input_ckpt, "--input-ckpt", folder=True)
     family, kind = find_model_type(model_type)
     if merge_mode is None:
         check_lora_supported(family, kind)
@@ -98,7 +103,7 @@ def print_models(ctx: click.Context, _option, value: bool) -> None:
     ctx.exit()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=print_models,
               help="List the supported model types with their LoRA targets, quantizations and backends, and exit.")
 @click.option("--input-ckpt", default=None, help="Base checkpoint: file, folder (sharded too) or glob.")
