@@ -68,7 +68,8 @@ def read_bounded(path: Path | str, option: str | None, limit: int) -> bytes:
     except OSError as exc:
         raise ConversionError(f"{_named(path, option)}: cannot read ({exc.strerror})") from None
     if len(data) > limit:
-        raise ConversionError(f"{_named(path, option)}: larger than {limit >> 20} MiB, the most read for it")
+        bound = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        raise ConversionError(f"{_named(path, option)}: larger than {bound}, the most read for it")
     return data
 
 

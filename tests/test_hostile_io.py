@@ -238,7 +238,7 @@ def test_lora_run_refuses_inputs_that_are_not_files(converted, specials, alarm):
 def test_read_bounded_refuses_what_is_too_big(tmp_path):
     big = tmp_path / "big"
     big.write_bytes(b"x" * 2049)
-    with pytest.raises(files.ConversionError, match="--opt .*big: larger than 0 MiB"):
+    with pytest.raises(files.ConversionError, match="--opt .*big: larger than 2048 bytes"):
         files.read_bounded(big, "--opt", 2048)
     assert files.read_bounded(big, "--opt", 4096) == b"x" * 2049
 
