@@ -58,6 +58,8 @@ def run_guarded(run: Callable[[], object]) -> int:
         try:
             run()
         except SystemExit as exc:
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)  # what sys.exit("message") prints
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         except Interrupted as exc:
             print(interrupted_line(exc.signum), file=sys.stderr)
