@@ -127,7 +127,8 @@ def refuse_overwrite(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple
             raise ConversionError(f"{option} {path} is the same file as the input {seen[identity]}; refusing to "
                                   "overwrite an input: choose another output path")
         if identity in used:
-            raise ConversionError(f"{option} {path} is the same file as {used[identity]}; give each output its own path")
+            raise ConversionError(f"{option} {path} is the same file as {used[identity]}; "
+                                  "give each output its own path")
         used[identity] = f"{option} {path}"
 
 
