@@ -7,6 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from converter.errors import ConversionError
+from converter.files import check_output, refuse_overwrite, regular_file
 from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models import find_model_type
 from converter.tflite import WeightFile
@@ -48,9 +49,7 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     model (or a Hugging Face tokenizer folder, converted as lora-convert does) with the model's
     vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
-    if not model_path.is_file():
-        raise ConversionError(f"--tflite-model {model_path}: file not found")
-    model = WeightFile(model_path)
+    model = WeightFile(regular_file(model_path, "--tflite-model"))
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
                               "bundle the base model and ship LoRA files beside it")
@@ -71,8 +70,10 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
 
 def write_bundle(config: BundleConfig) -> Path:
     """Validate and write the bundle; returns its path."""
+    path = check_output(config.output_path, "--output-filename")
     checked = check_inputs(config)
-    path = config.output_path
+    refuse_overwrite([("--output-filename", path)], [("--tflite-model", config.tflite_model),
+                                                      ("--tokenizer-model", config.tokenizer_model)])
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 

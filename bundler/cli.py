@@ -11,6 +11,7 @@ import click
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS, RuntimeOptions
 from converter.version import version_option
+from converter.supervisor import SupervisedGroup
 
 from .config import FORMATS, BundleConfig
 
@@ -30,7 +31,7 @@ def fail(exc: ConversionError) -> None:
     sys.exit(1)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SupervisedGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-bundle")
 @click.option("--tflite-model", help="GPU weights file from lora-convert (or MediaPipe).")
 @click.option("--tokenizer-model",

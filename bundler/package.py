@@ -19,7 +19,7 @@ from pathlib import Path
 from converter.config import MAX_LORA_RANK
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS, RuntimeOptions
-from converter.files import atomic_output
+from converter.files import atomic_output, check_output, refuse_overwrite, regular_file
 from converter.tflite import WeightFile
 
 from .inspect import describe_weights, sha256
@@ -54,9 +54,7 @@ class PackageResult:
 
 def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
     """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
-    if not path.is_file():
-        raise ConversionError(f"--lora {path}: file not found")
-    lora = WeightFile(path)
+    lora = WeightFile(regular_file(path, "--lora"))
     if lora.lora_rank is None:
         raise ConversionError(f"--lora {path} is not a LoRA weights file (no lora_rank metadata)")
     if lora.subgraph_name != base.subgraph_name:
@@ -70,6 +68,16 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
     if not NAME.match(name):
         raise ConversionError(f"--lora name {name!r}: use letters, digits and _ (starting with a letter)")
     return lora
+
+
+def check_outputs(output: Path, folder: Path, pack_name: str, platform: str, model: Path, loras: list[Path]) -> None:
+    """Every path the package writes can be created and none is an input (or another output)."""
+    written = [folder / path.name for path in [model, *loras]] + [folder / "manifest.json"]
+    written += ([output / pack_name / "build.gradle", output / "adb_push.sh", output / "README.md"]
+                if platform == "android" else [folder / f"{pack_name}.plist"])
+    for path in written:
+        check_output(path, "--output")
+    refuse_overwrite([("--output", path) for path in written], [("MODEL", model), *(("--lora", p) for p in loras)])
 
 
 def copy_file(source: Path, destination: Path) -> None:
@@ -106,7 +114,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
         raise ConversionError(f"--delivery {delivery!r}: expected one of {', '.join(DELIVERY_TYPES)}")
     if not NAME.match(pack_name):
         raise ConversionError(f"--pack-name {pack_name!r}: use letters, digits and _ (starting with a letter)")
-    base, task = open_weights(model)
+    base, task = open_weights(model, "MODEL")
     kind = "task" if task is not None else "weights"
     if base.lora_rank is not None:
         raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
@@ -117,6 +125,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     adapters = [(name, path, check_adapter(base, model, name, path)) for name, path in loras]
 
     folder = output / pack_name if platform == "ios" else output / pack_name / "src" / "main" / "assets"
+    check_outputs(output, folder, pack_name, platform, model, [path for _, path, _ in adapters])
     files = [PackagedFile(model.name, model.stat().st_size, sha256(model), "model")]
     files += [PackagedFile(path.name, path.stat().st_size, sha256(path), "lora") for _, path, _ in adapters]
     if len({f.name for f in files}) != len(files):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import ConversionError
-from converter.files import atomic_output
+from converter.files import atomic_output, regular_file
 from converter.proto import llm_params_pb2
 from converter.tflite import WeightFile
 
@@ -131,10 +131,9 @@ def is_task(path: Path) -> bool:
     return head[4:6] == b"PK" or head[:2] == b"PK"
 
 
-def open_weights(path: Path) -> tuple[WeightFile, TaskFile | None]:
+def open_weights(path: Path, option: str | None = None) -> tuple[WeightFile, TaskFile | None]:
     """The weights of a .bin, or of a .task's model entry (with the bundle itself)."""
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
+    regular_file(path, option)
     if not is_task(path):
         return WeightFile(path), None
     task = TaskFile(path)

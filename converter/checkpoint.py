@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from .errors import ConversionError
+from .files import read_json_object
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FLOAT_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
@@ -226,7 +227,7 @@ def checkpoint_files(path: str | Path, ckpt_format: str) -> list[Path]:
 
 def _files_from_index(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index)["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConversionError(f"{index}: not a valid checkpoint index ({exc})") from None
     files = [index.parent / name for name in dict.fromkeys(weight_map.values())]

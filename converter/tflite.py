@@ -202,12 +202,13 @@ class WeightFileWriter:
         self._fd: int | None = None
 
     def __enter__(self) -> "WeightFileWriter":
-        self._stack = ExitStack()
-        self._fd = self._stack.enter_context(atomic_output(self.path)).fileno()
-        os.ftruncate(self._fd, self.layout.file_size)
-        self._pwrite(self.layout.flatbuffer, 0)
-        for blob, offset in zip(self._blobs, self.layout.blob_offsets):
-            self._pwrite(blob, offset)
+        with ExitStack() as stack:  # a failure here (disk full) still removes the temporary file
+            self._fd = stack.enter_context(atomic_output(self.path)).fileno()
+            os.ftruncate(self._fd, self.layout.file_size)
+            self._pwrite(self.layout.flatbuffer, 0)
+            for blob, offset in zip(self._blobs, self.layout.blob_offsets):
+                self._pwrite(blob, offset)
+            self._stack = stack.pop_all()
         return self
 
     def _pwrite(self, data, offset: int) -> None:

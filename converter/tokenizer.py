@@ -6,7 +6,10 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import ConversionError
+from .files import read_bounded
 from .hf_tokenizer import convert_hf_tokenizer
+
+MAX_TOKENIZER_BYTES = 256 << 20  # SentencePiece models are a few MB (Gemma 3's: 4.7 MB)
 
 
 def load_tokenizer(path: Path, option: str) -> tuple[bytes, spm.SentencePieceProcessor]:
@@ -17,10 +20,7 @@ def load_tokenizer(path: Path, option: str) -> tuple[bytes, spm.SentencePiecePro
     if path.is_dir():
         data = convert_hf_tokenizer(path, option)
     else:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConversionError(f"{option} {path}: cannot read ({exc.strerror})") from None
+        data = read_bounded(path, option, MAX_TOKENIZER_BYTES)
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(data)

@@ -15,6 +15,7 @@ import torch
 
 from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
+from converter.files import regular_file
 from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
@@ -46,9 +47,7 @@ def runtime_text(loaded: LoadedModel, prompt: str) -> str:
 def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None) -> LoadedModel:
     """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle); a given
     tokenizer is a SentencePiece file or a Hugging Face tokenizer folder (converted as lora-convert does)."""
-    if not Path(model_path).is_file():
-        raise ConversionError(f"--model {model_path}: file not found")
-    weights, task = open_weights(Path(model_path))
+    weights, task = open_weights(Path(model_path), "--model")
     given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
     tokenizer = spm.SentencePieceProcessor()
     if task is not None:
@@ -65,7 +64,7 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
         params = weights.parameters
         start_id = params.start_token_id if params.HasField("start_token_id") else tokenizer.piece_to_id(params.start_token)
         stops = list(params.stop_tokens)
-    lora = WeightFile(lora_path) if lora_path else None
+    lora = WeightFile(regular_file(lora_path, "--lora")) if lora_path else None
     return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops},
                        is_converted_hf_tokenizer(blob))
 
