@@ -13,7 +13,7 @@ from converter.tflite import WeightFile
 from converter.tokenizer import load_tokenizer
 
 from .config import BundleConfig
-from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
+from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, file_kind, write_zip
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
     if not model_path.is_file():
         raise ConversionError(f"--tflite-model {model_path}: file not found")
+    kind = file_kind(model_path)
+    if kind != "weights":
+        raise ConversionError(f"--tflite-model {model_path} is a .{kind} bundle; give the GPU weights .bin "
+                              "from lora-convert")
     model = WeightFile(model_path)
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
@@ -71,8 +75,10 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
 
 def write_bundle(config: BundleConfig) -> Path:
     """Validate and write the bundle; returns its path."""
-    checked = check_inputs(config)
     path = config.output_path
+    if path.is_dir():
+        raise ConversionError(f"--output-filename {path} is a folder; give a file name")
+    checked = check_inputs(config)
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 
