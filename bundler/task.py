@@ -97,6 +97,7 @@ def _entries(path: Path, archive: zipfile.ZipFile, handle, file_size: int) -> di
     """Each entry's data range, checked against its local header and the file: stored, not
     encrypted, unique, inside the file and not overlapping another (a crafted zip is refused)."""
     entries: dict[str, Entry] = {}
+    extents = []  # (local header offset, data end, name)
     for info in archive.infolist():
         where = f"{path}: entry {info.filename!r}"
         if info.compress_type != zipfile.ZIP_STORED:
@@ -118,8 +119,9 @@ def _entries(path: Path, archive: zipfile.ZipFile, handle, file_size: int) -> di
             raise ConversionError(f"{where}: {info.file_size:,} bytes at offset {offset:,} run past the end of the "
                                   f"{file_size:,}-byte file")
         entries[info.filename] = Entry(info.filename, offset, info.file_size)
-    ranges = sorted((e.offset, e.offset + e.size, e.name) for e in entries.values())
-    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        extents.append((info.header_offset, offset + info.file_size, info.filename))
+    extents.sort()
+    for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
         if start < end:
             raise ConversionError(f"{path}: entries {first!r} and {second!r} overlap")
     return entries
