@@ -28,10 +28,10 @@ def check_file_name(path: Path, option: str) -> None:
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ConversionError(f"{option} {path}: the file name is not valid UTF-8; rename the file") from None
+        raise ConversionError(f"{option} {str(path)!r}: the file name is not valid UTF-8; rename the file") from None
     if size > NAME_MAX or name.startswith(("-", ".")) or name.endswith(("~", " ", ".")) \
             or UNSAFE_CHARACTERS.search(name):
-        raise ConversionError(f"{option} {path}: rename the file; an app package takes no name that starts with "
+        raise ConversionError(f"{option} {str(path)!r}: rename the file; an app package takes no name that starts with "
                               "'-' or '.', ends with '~', '.' or a space, holds a control character or any of "
                               f"<>:\"|?*\\, or is longer than {NAME_MAX} bytes")
 
