@@ -115,7 +115,10 @@ def _entries(path: Path, archive: zipfile.ZipFile, handle, file_size: int) -> di
         if handle.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
             raise ConversionError(f"{where}: the local header names another entry")
         offset = info.header_offset + LOCAL_HEADER.size + name_length + extra_length
-        if info.compress_size != info.file_size or offset + info.file_size > file_size:
+        if info.compress_size != info.file_size:
+            raise ConversionError(f"{where}: stored, yet its sizes differ ({info.compress_size:,} and "
+                                  f"{info.file_size:,} bytes)")
+        if offset + info.file_size > file_size:
             raise ConversionError(f"{where}: {info.file_size:,} bytes at offset {offset:,} run past the end of the "
                                   f"{file_size:,}-byte file")
         entries[info.filename] = Entry(info.filename, offset, info.file_size)

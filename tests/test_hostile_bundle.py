@@ -317,30 +317,45 @@ def rezip(entries: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def crafted_tasks(good: Path) -> dict[str, tuple[bytes, list[str]]]:
-    data, task = good.read_bytes(), TaskFile(good)
-    sizes = {name: entry.size for name, entry in task.entries.items()}
-    parts = [(name, task.read(name)) for name in (TOKENIZER_ENTRY, METADATA_ENTRY)]
-    model = (MODEL_ENTRY, good.read_bytes()[task.entries[MODEL_ENTRY].offset:][:sizes[MODEL_ENTRY]])
-    return {
-        "truncated central directory": (data[:-30], ["not a readable .task bundle"]),
-        "not a zip at all": (b"\0\0\0\0PK" + b"\x17" * 4000, ["not a readable .task bundle"]),
-        "entry size past the end": (with_field(with_field(data, TOKENIZER_ENTRY, 20, 2**31), TOKENIZER_ENTRY, 24,
-                                               2**31), [TOKENIZER_ENTRY, "run past the end"]),
-        "local header past the end": (with_field(data, METADATA_ENTRY, 42, len(data) + 1000),
-                                      [METADATA_ENTRY, "no local header"]),
-        "local header of another entry": (with_field(data, METADATA_ENTRY, 42, 4),
-                                          [METADATA_ENTRY, "names another entry"]),
-        "overlapping entries": (with_field(with_field(data, TOKENIZER_ENTRY, 20, sizes[TOKENIZER_ENTRY] + 40),
-                                           TOKENIZER_ENTRY, 24, sizes[TOKENIZER_ENTRY] + 40), ["overlap"]),
-        "duplicate entry": (rezip([model, *parts, parts[1]]), [METADATA_ENTRY, "appears twice"]),
-        "missing METADATA": (rezip([model, parts[0]]), ["lacks entry METADATA"]),
-        "garbage tokenizer": (with_entry_bytes(data, task, TOKENIZER_ENTRY, b"\xde\xad\xbe\xef"),
-                              [f"entry {TOKENIZER_ENTRY} is not a valid SentencePiece model"]),
-        "garbage METADATA": (with_entry_bytes(data, task, METADATA_ENTRY, b"\xff"),
-                             [f"entry {METADATA_ENTRY} is not a valid LlmParameters"]),
-        "garbage model": (with_entry_bytes(data, task, MODEL_ENTRY, b"\x01\x02"), [f"in its entry {MODEL_ENTRY}"]),
-    }
+def sized(data: bytes, name: str, size: int) -> bytes:
+    """`data` with entry `name`'s central record claiming `size` bytes (stored: both sizes)."""
+    return with_field(with_field(data, name, 20, size), name, 24, size)
+
+
+def parts(task: TaskFile) -> list[tuple[str, bytes]]:
+    model = task.entries[MODEL_ENTRY]
+    with open(task.path, "rb") as handle:
+        handle.seek(model.offset)
+        return [(MODEL_ENTRY, handle.read(model.size))] + [(n, task.read(n)) for n in (TOKENIZER_ENTRY, METADATA_ENTRY)]
+
+
+def size(task: TaskFile, name: str) -> int:
+    return task.entries[name].size
+
+
+# case: (the crafted bytes from a good bundle's bytes and TaskFile, words the error line must hold)
+CRAFTED_TASKS = {
+    "truncated central directory": (lambda data, task: data[:-30], ["not a readable .task bundle"]),
+    "not a zip at all": (lambda data, task: b"\0\0\0\0PK" + b"\x17" * 4000, ["not a readable .task bundle"]),
+    "entry size past the end": (lambda data, task: sized(data, TOKENIZER_ENTRY, 2**31),
+                                [TOKENIZER_ENTRY, "run past the end"]),
+    "sizes that disagree": (lambda data, task: with_field(data, TOKENIZER_ENTRY, 24, size(task, TOKENIZER_ENTRY) + 1),
+                            [TOKENIZER_ENTRY, "sizes differ"]),
+    "local header past the end": (lambda data, task: with_field(data, METADATA_ENTRY, 42, len(data) + 1000),
+                                  [METADATA_ENTRY, "no local header"]),
+    "local header of another entry": (lambda data, task: with_field(data, METADATA_ENTRY, 42, 4),
+                                      [METADATA_ENTRY, "names another entry"]),
+    "overlapping entries": (lambda data, task: sized(data, TOKENIZER_ENTRY, size(task, TOKENIZER_ENTRY) + 40),
+                            ["overlap"]),
+    "duplicate entry": (lambda data, task: rezip(parts(task) + parts(task)[2:]), [METADATA_ENTRY, "appears twice"]),
+    "missing METADATA": (lambda data, task: rezip(parts(task)[:2]), ["lacks entry METADATA"]),
+    "garbage tokenizer": (lambda data, task: with_entry_bytes(data, task, TOKENIZER_ENTRY, b"\xde\xad\xbe\xef"),
+                          [f"entry {TOKENIZER_ENTRY} is not a valid SentencePiece model"]),
+    "garbage METADATA": (lambda data, task: with_entry_bytes(data, task, METADATA_ENTRY, b"\xff"),
+                         [f"entry {METADATA_ENTRY} is not a valid LlmParameters"]),
+    "garbage model": (lambda data, task: with_entry_bytes(data, task, MODEL_ENTRY, b"\x01\x02"),
+                      [f"in its entry {MODEL_ENTRY}"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -348,14 +363,10 @@ def good_task(converted, tmp_path_factory) -> Path:
     return bundle(converted[0], tmp_path_factory.mktemp("task") / "good.task")
 
 
-TASK_CASES = ["truncated central directory", "not a zip at all", "entry size past the end", "local header past the end",
-              "local header of another entry", "overlapping entries", "duplicate entry", "missing METADATA",
-              "garbage tokenizer", "garbage METADATA", "garbage model"]
-
-
-@pytest.mark.parametrize("case", TASK_CASES)
+@pytest.mark.parametrize("case", CRAFTED_TASKS)
 def test_crafted_task_gives_one_line_in_inspect_and_package(case, good_task, tmp_path):
-    data, words = crafted_tasks(good_task)[case]
+    craft, words = CRAFTED_TASKS[case]
+    data = craft(good_task.read_bytes(), TaskFile(good_task))
     path = tmp_path / "crafted.task"
     path.write_bytes(data)
     refused(run_bundle("inspect", path), str(path), *words)
