@@ -9,9 +9,9 @@ from pathlib import Path
 import sentencepiece as spm
 from google.protobuf.json_format import MessageToDict
 
-from converter.errors import ConversionError
 from converter.tflite import SPM_VOCAB_MODEL, TYPE_NAMES, WeightFile
 from converter.proto import llm_params_pb2
+from converter.tokenizer import parse_sentencepiece
 
 from .task import TOKENIZER_ENTRY, open_weights
 
@@ -55,11 +55,7 @@ def describe_weights(weights: WeightFile) -> dict:
 
 def describe_tokenizer(model: bytes, where: str) -> tuple[dict, spm.SentencePieceProcessor]:
     """Size and hash of the SentencePiece model found at `where` (file and entry, for errors)."""
-    processor = spm.SentencePieceProcessor()
-    try:
-        processor.LoadFromSerializedProto(model)
-    except (RuntimeError, OSError):
-        raise ConversionError(f"{where} is not a valid SentencePiece model") from None
+    processor = parse_sentencepiece(model, where)
     return {"vocab_size": processor.vocab_size(), "sha256": hashlib.sha256(model).hexdigest()}, processor
 
 

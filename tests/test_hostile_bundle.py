@@ -350,7 +350,7 @@ CRAFTED_TASKS = {
     "duplicate entry": (lambda data, task: rezip(parts(task) + parts(task)[2:]), [METADATA_ENTRY, "appears twice"]),
     "missing METADATA": (lambda data, task: rezip(parts(task)[:2]), ["lacks entry METADATA"]),
     "garbage tokenizer": (lambda data, task: with_entry_bytes(data, task, TOKENIZER_ENTRY, b"\xde\xad\xbe\xef"),
-                          [f"entry {TOKENIZER_ENTRY} is not a valid SentencePiece model"]),
+                          [f"entry {TOKENIZER_ENTRY}: not a valid SentencePiece model"]),
     "garbage METADATA": (lambda data, task: with_entry_bytes(data, task, METADATA_ENTRY, b"\xff"),
                          [f"entry {METADATA_ENTRY} is not a valid LlmParameters"]),
     "garbage model": (lambda data, task: with_entry_bytes(data, task, MODEL_ENTRY, b"\x01\x02"),
@@ -382,7 +382,7 @@ def test_corrupt_tokenizer_inside_a_weights_file(converted, tmp_path):
     at = data.index(spm)
     path = tmp_path / "model.bin"
     path.write_bytes(data[:at] + b"\x7f" * len(spm) + data[at + len(spm):])
-    refused(run_bundle("inspect", path), str(path), "metadata spm_vocab_model is not a valid SentencePiece model")
+    refused(run_bundle("inspect", path), str(path), "metadata spm_vocab_model: not a valid SentencePiece model")
 
 
 def test_litertlm_and_task_where_a_weights_file_belongs(converted, good_task, tmp_path):
@@ -445,3 +445,18 @@ def test_package_choice_options_are_usage_errors(args, converted, tmp_path):
     result = run_bundle("package", converted[0], "--output", tmp_path / "out", *args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     nothing_left(tmp_path / "out")
+
+
+def test_tokenizer_that_makes_sentencepiece_fail_with_a_decode_error(converted, good_task, tmp_path):
+    """A byte piece spelled with an invalid UTF-8 byte: sentencepiece's own error message cannot
+    be decoded (UnicodeDecodeError, not RuntimeError)."""
+    good = TOKENIZER.read_bytes()
+    assert good.count(b"<0xD6>") == 1
+    tokenizer = tmp_path / "bad.model"
+    tokenizer.write_bytes(good.replace(b"<0xD6>", b"<0\xc1D6>"))
+    refused(run_bundle(*bundle_args(converted[0], tmp_path / "x.task", **{"--tokenizer-model": tokenizer})),
+            "--tokenizer-model", str(tokenizer), "not a valid SentencePiece model")
+    nothing_left(tmp_path / "x.task")
+    task = tmp_path / "bad.task"
+    task.write_bytes(good_task.read_bytes().replace(b"<0xD6>", b"<0\xc1D6>"))
+    refused(run_bundle("inspect", task), f"entry {TOKENIZER_ENTRY}: not a valid SentencePiece model")
