@@ -460,3 +460,24 @@ def test_tokenizer_that_makes_sentencepiece_fail_with_a_decode_error(converted, 
     task = tmp_path / "bad.task"
     task.write_bytes(good_task.read_bytes().replace(b"<0xD6>", b"<0\xc1D6>"))
     refused(run_bundle("inspect", task), f"entry {TOKENIZER_ENTRY}: not a valid SentencePiece model")
+
+
+def test_package_on_a_full_disk_says_so_in_one_line(converted, tmp_path, monkeypatch):
+    import errno
+
+    from bundler import package as package_module
+
+    copied = []
+
+    def copy_then_fill(source, destination):
+        if copied:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+        destination.parent.mkdir(parents=True)
+        destination.write_bytes(source.read_bytes())
+        copied.append(destination)
+
+    monkeypatch.setattr(package_module, "copy_file", copy_then_fill)
+    out = tmp_path / "dist"
+    refused(package(converted[0], out, "--lora", f"x={converted[1]}"), "--output", "No space left on device")
+    assert copied and not copied[0].exists()
+    nothing_left(out)
