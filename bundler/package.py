@@ -59,8 +59,9 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
     """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
     if not path.is_file():
         raise ConversionError(f"--lora {path}: file not found")
-    if file_kind(path) != "weights":
-        raise ConversionError(f"--lora {path} is a .{file_kind(path)} bundle, not a LoRA weights file")
+    kind = file_kind(path)
+    if kind != "weights":
+        raise ConversionError(f"--lora {path} is a .{kind} bundle, not a LoRA weights file")
     lora = WeightFile(path)
     if lora.lora_rank is None:
         raise ConversionError(f"--lora {path} is not a LoRA weights file (no lora_rank metadata)")
@@ -167,7 +168,8 @@ def write_android(output: Path, pack_name: str, delivery: str, files: list[Packa
     with atomic_output(output / pack_name / "build.gradle") as handle:
         handle.write(gradle.encode())
     assets = f"{pack_name}/src/main/assets"
-    push = ["#!/bin/sh", "# Side-load for testing (MediaPipe's documented path).", "set -e", 'cd "$(dirname "$0")"',
+    push = ["#!/bin/sh", "# Side-load for testing (MediaPipe's documented path).", "set -e",
+            'cd -- "$(dirname -- "$0")"',
             f"adb shell mkdir -p {shlex.quote(SIDELOAD_DIR)}"]
     push += [f"adb push {shlex.quote(f'{assets}/{f.name}')} {shlex.quote(f'{SIDELOAD_DIR}/{f.name}')}" for f in files]
     with atomic_output(output / "adb_push.sh") as handle:
