@@ -14,7 +14,7 @@ from converter.tflite import WeightFile
 from converter.tokenizer import load_tokenizer
 
 from .config import BundleConfig
-from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
+from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, file_kind, write_zip
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,12 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     model (or a Hugging Face tokenizer folder, converted as lora-convert does) with the model's
     vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
-    model = WeightFile(regular_file(model_path, "--tflite-model"))
+    regular_file(model_path, "--tflite-model")
+    kind = file_kind(model_path)
+    if kind != "weights":
+        raise ConversionError(f"--tflite-model {model_path} is a .{kind} bundle; give the GPU weights .bin "
+                              "from lora-convert")
+    model = WeightFile(model_path)
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
                               "bundle the base model and ship LoRA files beside it")

@@ -107,7 +107,8 @@ def parse_lora(value: str) -> tuple[str, Path]:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH", help="LoRA weights file (repeatable).")
 @click.option("--platform", type=click.Choice(["android", "ios"]), required=True)
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="Folder to write: new, empty, or an earlier package (replaced as a whole).")
 @click.option("--pack-name", default="llm", show_default=True, help="Asset pack / resource folder name.")
 @click.option("--delivery", type=click.Choice(["install-time", "fast-follow", "on-demand"]), default="install-time",
               show_default=True, help="Play Asset Delivery type (Android).")

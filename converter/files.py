@@ -175,6 +175,12 @@ def report_partials(fd: int | None) -> None:
     _partials_fd = fd
 
 
+def report_partial(path: str | Path) -> None:
+    """Tell the supervisor about a temporary file or folder, so it is removed if the run is killed."""
+    if _partials_fd is not None:
+        os.write(_partials_fd, os.fsencode(path) + b"\0")
+
+
 def _temp_name(path: Path) -> str:
     """A prefix for the temporary file beside `path` that keeps within NAME_MAX."""
     return f".{os.fsdecode(os.fsencode(path.name)[:NAME_MAX - 40])}."
@@ -241,8 +247,7 @@ def atomic_output(path: Path, option: str | None = None) -> Iterator[BinaryIO]:
     try:
         made = _created_folders(path.parent)
         fd, temp = tempfile.mkstemp(prefix=_temp_name(path), suffix=".partial", dir=path.parent)
-        if _partials_fd is not None:
-            os.write(_partials_fd, os.fsencode(temp) + b"\0")
+        report_partial(temp)
         with os.fdopen(fd, "w+b") as handle:
             yield handle
             handle.flush()

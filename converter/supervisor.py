@@ -6,12 +6,13 @@ The child turns SIGINT, SIGTERM and SIGHUP into `Interrupted`, which unwinds thr
 completed (`lora-bundle package` writes several). The parent only waits and forwards those
 signals. A signal the child cannot survive (SIGBUS when an input is truncated while mapped,
 SIGSEGV, SIGKILL) kills it; the parent then prints one line and removes the temporary files the
-child reported through a pipe (`files.report_partials`). Forking costs milliseconds.
+child reported through a pipe (`files.report_partials`; files and staging folders). Forking costs milliseconds.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -121,7 +122,9 @@ def supervise(run: Callable[[], object]) -> NoReturn:
         sys.exit(os.waitstatus_to_exitcode(status))
     signum = os.WTERMSIG(status)
     for name in partials:
-        if os.path.lexists(name):
+        if os.path.isdir(name) and not os.path.islink(name):
+            shutil.rmtree(name, ignore_errors=True)
+        elif os.path.lexists(name):
             os.unlink(name)
     if signum in HANDLED:
         message = interrupted_line(signum)

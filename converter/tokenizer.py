@@ -21,9 +21,16 @@ def load_tokenizer(path: Path, option: str) -> tuple[bytes, spm.SentencePiecePro
         data = convert_hf_tokenizer(path, option)
     else:
         data = read_bounded(path, option, MAX_TOKENIZER_BYTES)
+    return data, parse_sentencepiece(data, f"{option} {path}")
+
+
+def parse_sentencepiece(data: bytes, where: str) -> spm.SentencePieceProcessor:
+    """The processor for a serialized SentencePiece model; `where` names its file (and entry) in
+    the error. sentencepiece raises RuntimeError, OSError or, for some corrupt bytes, a
+    UnicodeDecodeError."""
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(data)
-    except (RuntimeError, OSError):
-        raise ConversionError(f"{option} {path}: not a valid SentencePiece model") from None
-    return data, processor
+    except (RuntimeError, OSError, ValueError):
+        raise ConversionError(f"{where}: not a valid SentencePiece model") from None
+    return processor
