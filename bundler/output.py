@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from converter.errors import ConversionError
-from converter.files import read_json_object, report_partial
+from converter.files import check_name_lengths, read_json_object, report_partial
 
 NAME_MAX = 255  # bytes in a file name (ext4, APFS, zip tools)
 # Control characters, and what Windows, FAT (Android's shared storage) or zip tools cannot hold.
@@ -57,10 +57,10 @@ def previous_package(folder: Path) -> bool:
     return False
 
 
-def check_output_folder(output: Path, inputs: list[Path]) -> Path:
+def check_output_folder(output: Path, inputs: list[tuple[str, Path]]) -> Path:
     """`--output` resolved: a folder to create, an empty one, or an earlier package (replaced as a
     whole, so it must not hold an input)."""
-    resolved = output.resolve()
+    resolved = check_name_lengths(output, "--output").resolve()
     if resolved == resolved.parent:
         raise ConversionError(f"--output {output}: give a folder to create")
     ancestor = resolved
@@ -68,9 +68,9 @@ def check_output_folder(output: Path, inputs: list[Path]) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ConversionError(f"--output {output}: {ancestor} is a file, not a folder")
-    for path in inputs:
+    for option, path in inputs:
         if resolved in path.resolve().parents:
-            raise ConversionError(f"--output {output} holds the input {path} and would be replaced as a whole; "
+            raise ConversionError(f"--output {output} holds the input {option} {path} and would be replaced as a whole; "
                                   "choose another folder")
     try:
         foreign = ancestor == resolved and any(resolved.iterdir()) and not previous_package(resolved)

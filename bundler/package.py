@@ -125,7 +125,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     for option, path in named:
         check_file_name(path, option)
     check_distinct(named, [MANIFEST] + ([f"{pack_name}.plist"] if platform == "ios" else []))
-    target = check_output_folder(output, [path for _, path in named])
+    target = check_output_folder(output, named)
 
     files = [PackagedFile(model.name, model.stat().st_size, sha256(model), "model")]
     files += [PackagedFile(path.name, path.stat().st_size, sha256(path), "lora") for _, path, _ in adapters]

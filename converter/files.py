@@ -132,13 +132,19 @@ def refuse_overwrite(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple
         used[identity] = f"{option} {path}"
 
 
-def check_output(path: Path | str, option: str) -> Path:
-    """An output file path that can be created: no name too long, no existing folder or device in
-    its place, and a folder (existing or to be made) above it. Nothing is created."""
+def check_name_lengths(path: Path | str, option: str) -> Path:
+    """An output path none of whose names is too long for the file system (ENAMETOOLONG)."""
     path = Path(path)
     for part in path.parts:
         if len(os.fsencode(part)) > NAME_MAX:
             raise ConversionError(f"{option} {path}: the name {part[:40]}... is longer than {NAME_MAX} bytes")
+    return path
+
+
+def check_output(path: Path | str, option: str) -> Path:
+    """An output file path that can be created: no name too long, no existing folder or device in
+    its place, and a folder (existing or to be made) above it. Nothing is created."""
+    path = check_name_lengths(path, option)
     if path.exists() or path.is_symlink():
         try:
             mode = path.stat().st_mode

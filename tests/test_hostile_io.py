@@ -171,7 +171,7 @@ def test_package_never_overwrites_its_inputs(converted, tmp_path):
     model = Path(shutil.copy(converted[0], folder / "model.bin"))
     before = digests(tmp_path)
     result = run_bundle("package", model, "--lora", converted[1], "--platform", "ios", "--output", tmp_path / "dist")
-    one_error_line(result, "--output", "MODEL", "same file")
+    one_error_line(result, "--output", "MODEL", "holds the input")
     assert digests(tmp_path) == before and sorted(p.name for p in folder.iterdir()) == ["model.bin"]
 
 
