@@ -191,6 +191,9 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
     except ConversionError as exc:
         fail(exc)
     try:
+        for line in plan.notes:  # the checkpoint's own special tokens
+            if not (quiet and line.startswith("note:")):
+                click.echo(line, err=True)
         for note in plan.adapter.notes if plan.adapter is not None else ():
             click.echo(f"warning: {note}", err=True)
         if plan.lora is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:
