@@ -144,14 +144,16 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, tuple[tuple[int, ...
     position = 0
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != position:
-            problem = "overlaps the tensor before it" if begin < position else f"leaves {begin - position} bytes unused before it"
+            problem = ("overlaps the tensor before it" if begin < position
+                       else f"leaves {begin - position} bytes unused before it")
             raise ConversionError(f"{file}: tensor {name} has data_offsets [{begin}, {end}] that {problem} "
                                   f"(tensors must tile the data from offset 0)")
         position = end
     data_start = 8 + length
     if data_start + position != size:
         problem = (f"is truncated (its tensors need {position} bytes of data, it has {size - data_start})"
-                   if data_start + position > size else f"has {size - data_start - position} bytes after its last tensor")
+                   if data_start + position > size
+                   else f"has {size - data_start - position} bytes after its last tensor")
         raise ConversionError(f"{file}: safetensors file {problem}")
     _check_with_library(file)
     return {name: (shape, dtype, begin) for name, (shape, dtype, begin, _) in entries.items()}, data_start

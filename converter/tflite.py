@@ -375,7 +375,8 @@ class WeightFile:
             self.tensors[name] = TensorEntry(name, reader.scalar(table, TENSOR_TYPE, "<b"), *place)
         self.metadata: dict[str, MetadataValue] = {}
         for table in reader.tables(model, MODEL_METADATA, "metadata"):
-            key, index = reader.string(table, METADATA_NAME, "metadata name"), reader.scalar(table, METADATA_BUFFER, "<I")
+            key = reader.string(table, METADATA_NAME, "metadata name")
+            index = reader.scalar(table, METADATA_BUFFER, "<I")
             if key in (LLM_MODEL_TYPE, LORA_RANK):
                 self.metadata[key] = index
             else:
