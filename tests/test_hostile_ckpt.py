@@ -594,3 +594,19 @@ def test_bundle_inspect_of_a_hostile_weights_file_is_one_line(weights_file):
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "w.bin" in lines[0], result.output
+
+
+# ---- fused tensors ------------------------------------------------------------------------------------
+
+def test_fused_tensor_that_does_not_split_into_whole_heads_is_refused(tmp_path):
+    from converter.split import SplittingSource
+
+    fused = torch.arange(12 * 4, dtype=torch.float32).reshape(12, 4)
+    save_file({"qkv": fused, "odd": torch.zeros(10, 4)}, str(tmp_path / "model.safetensors"))
+    source = SplittingSource(open_checkpoint(tmp_path / "model.safetensors", "safetensors"))
+    k = source.add_slice("qkv", 1, 3, 2)
+    with source.rows(k, 0, 4) as chunk:
+        assert torch.equal(chunk, fused.reshape(-1, 3, 2, 4)[:, 1].reshape(4, 4))
+    with pytest.raises(ConversionError, match=r"tensor odd has 10 rows, not groups of 3 x 2"):
+        source.add_slice("odd", 0, 3, 2)
+    source.close()
