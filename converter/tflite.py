@@ -419,17 +419,29 @@ class WeightFile:
         """A stored `[rows, cols]` matrix as float32: int8/int4 dequantized with its scales, float
         (and fp16 LoRA, stored with the FLOAT32 type but 2 bytes per value) untiled."""
         entry = self.entry(name)
-        data = torch.from_numpy(np.array(self.raw(name)))
+        if rows <= 0 or cols <= 0 or rows % quantize.TILE or cols % quantize.TILE:
+            raise ConversionError(f"{self.path}: tensor {name} cannot be a [{rows}, {cols}] matrix: the GPU layout "
+                                  f"tiles 4x4 (the file's parameters give these sizes)")
         if entry.type in (INT8, INT4):
-            scale = torch.from_numpy(np.array(self.raw(f"{name}_quantized_scale"))).view(torch.float32)
-            return quantize.dequantize_tiled(data, scale, 8 if entry.type == INT8 else 4, rows, cols)
+            bits = 8 if entry.type == INT8 else 4
+            scale = self.entry(f"{name}_quantized_scale")
+            if entry.nbytes * 8 != rows * cols * bits or scale.nbytes != rows * 4:
+                raise ConversionError(f"{self.path}: tensor {name} has {entry.nbytes} bytes and {scale.nbytes} "
+                                      f"bytes of scales, not an int{bits} [{rows}, {cols}] matrix")
+            data = torch.from_numpy(np.array(self.raw(name)))
+            scales = torch.from_numpy(np.array(self.raw(scale.name))).view(torch.float32)
+            return quantize.dequantize_tiled(data, scales, bits, rows, cols)
         itemsize = entry.nbytes // (rows * cols)
         if entry.nbytes != rows * cols * itemsize or itemsize not in (2, 4):
             raise ConversionError(f"{self.path}: tensor {name} has {entry.nbytes} bytes, not a [{rows}, {cols}] matrix")
-        values = data.view(torch.float16 if itemsize == 2 else torch.float32)
+        values = torch.from_numpy(np.array(self.raw(name))).view(torch.float16 if itemsize == 2 else torch.float32)
         return quantize.untile(values, rows, cols).to(torch.float32)
 
-    def vector(self, name: str) -> torch.Tensor:
-        """A raw float32 tensor (norm scales, biases)."""
+    def vector(self, name: str, size: int | None = None) -> torch.Tensor:
+        """A raw float32 tensor (norm scales, biases), checked to hold `size` values when given."""
+        nbytes = self.entry(name).nbytes
+        if nbytes % 4 or (size is not None and nbytes != size * 4):
+            raise ConversionError(f"{self.path}: tensor {name} has {nbytes} bytes, not "
+                                  f"{'whole' if size is None else size} float32 values")
         return torch.from_numpy(np.array(self.raw(name))).view(torch.float32)
 

@@ -582,6 +582,34 @@ def test_missing_tensor_is_named_by_the_reader(weights_file):
     assert weights.entry("a.w").nbytes == 1000
 
 
+def test_sizes_from_the_parameters_that_the_file_does_not_hold_are_named(weights_file):
+    """Parameters that claim other sizes: one ConversionError naming the tensor, never a reshape error."""
+    weights = tflite.WeightFile(weights_file)
+    assert weights.vector("norm.scale").numel() == 3
+    cases = [(lambda: weights.vector("norm.scale", 4), "tensor norm.scale has 12 bytes, not 4 float32 values"),
+             (lambda: weights.vector("a.w.sum_i", 9), "tensor a.w.sum_i has 40 bytes, not 9"),
+             (lambda: weights.matrix("norm.scale", 3, 1), r"norm.scale cannot be a \[3, 1\] matrix"),
+             (lambda: weights.matrix("norm.scale", 0, 4), r"cannot be a \[0, 4\] matrix"),
+             (lambda: weights.matrix("a.w", 20, 52), "no tensor a.w_quantized_scale"),
+             (lambda: weights.matrix("a.w.sum_i", 4, 4), r"a.w.sum_i has 40 bytes, not a \[4, 4\] matrix")]
+    for read, message in cases:
+        with pytest.raises(ConversionError, match=message):
+            read()
+
+
+@pytest.mark.parametrize("scale_bytes", [8, 16])
+def test_int8_matrix_needs_one_scale_a_row(scale_bytes, tmp_path):
+    path = tmp_path / "w.bin"
+    write(path, tensors=[tflite.TensorSpec("x_quantized_scale", tflite.FLOAT32, scale_bytes),
+                         tflite.TensorSpec("x", tflite.INT8, 16)])
+    weights = tflite.WeightFile(path)
+    if scale_bytes == 16:
+        assert weights.matrix("x", 4, 4).shape == (4, 4)
+        return
+    with pytest.raises(ConversionError, match=r"tensor x has 16 bytes and 8 bytes of scales, not an int8 \[4, 4\]"):
+        weights.matrix("x", 4, 4)
+
+
 def test_bundle_inspect_of_a_hostile_weights_file_is_one_line(weights_file):
     from click.testing import CliRunner
 
