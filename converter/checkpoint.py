@@ -195,7 +195,7 @@ def _check_name(file: Path, name: str) -> None:
 def _check_with_library(file: Path) -> None:
     """The `safetensors` library's own header validation (it maps the file, reading only the header)."""
     try:
-        with safe_open(file, framework="pt"):
+        with safe_open(str(file), framework="pt"):
             pass
     except Exception as exc:  # SafetensorError, or an OSError from mapping
         raise ConversionError(f"{file}: not a valid safetensors file ({_first_line(exc)})") from None
