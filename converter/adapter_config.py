@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .files import read_json_object
 ADAPTER_CONFIG = "adapter_config.json"
 # init_lora_weights values whose training subtracts the initial adapter from the base weights: the
 # saved adapter belongs to that residual base, not to the checkpoint being converted.
+MAX_RANK = 2**20  # far above any real adapter; keeps absurd values out of messages and arithmetic
 RESIDUAL_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 CONVERTED = ("save it with save_pretrained(..., path_initial_model_for_weight_conversion=...), which turns it into "
              "plain LoRA for the original base, or, if --input-ckpt is that residual model, set init_lora_weights "
@@ -84,6 +86,8 @@ def read_adapter_config(file: Path) -> AdapterConfig:
     """The checked config at `file`; an empty one when there is no such file."""
     if not os.path.lexists(file):
         return AdapterConfig(file)
+    if not file.is_file():  # a folder, a FIFO (reading it would hang), a dangling link
+        raise ConversionError(f"{file}: not a regular file; expected the adapter's JSON config")
     raw = read_json_object(file)
     config = AdapterConfig(
         file,
@@ -114,13 +118,14 @@ def _error(file: Path, key: str, expected: str, value: object) -> ConversionErro
 def _positive_int(file: Path, key: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _error(file, key, "a positive integer (the LoRA rank)", value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise _error(file, key, f"a positive integer up to {MAX_RANK} (the LoRA rank)", value)
     return value
 
 
 def _finite(file: Path, key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > sys.float_info.max \
+            or not math.isfinite(value):
         raise _error(file, key, "a finite number", value)
     return float(value)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,8 @@ def edit_tensors(lora: Path, edit) -> None:
 
 
 BAD_VALUES = {  # adapter_config.json key: bad values
-    "r": [0, -8, "8", 8.0, True, [8]],
-    "lora_alpha": [None, "16", float("nan"), float("inf"), -float("inf"), [16], {"a": 1}],
+    "r": [0, -8, "8", 8.0, True, [8], 10**400],
+    "lora_alpha": [None, "16", float("nan"), float("inf"), -float("inf"), [16], {"a": 1}, 10**400, -10**400],
     "rank_pattern": [[4], "q_proj", {"q_proj": "4"}, {"q_proj": 0}, {"q_proj": None}, {"(": 4}, {"q_proj[": 4}],
     "alpha_pattern": [[16], {"v_proj": float("nan")}, {"v_proj": None}, {"v_proj": "64"}, {"*": 8}],
     "target_modules": [5, [1, 2], {"q_proj": True}],
@@ -91,7 +92,7 @@ def test_unreadable_config_is_an_error_not_ignored(write, tiny_lora, tmp_path):
     assert "adapter_config.json" in refused(tmp_path, tiny_lora)
 
 
-def test_config_that_is_a_folder_or_dangling_link_is_an_error(tiny_lora, tmp_path):
+def test_config_that_is_a_folder_fifo_or_dangling_link_is_an_error(tiny_lora, tmp_path):
     config = tiny_lora / "adapter_config.json"
     config.unlink()
     config.mkdir()
@@ -99,6 +100,9 @@ def test_config_that_is_a_folder_or_dangling_link_is_an_error(tiny_lora, tmp_pat
     config.rmdir()
     config.symlink_to(tmp_path / "gone.json")
     assert "adapter_config.json" in refused(tmp_path, tiny_lora)
+    config.unlink()
+    os.mkfifo(config)  # reading it would block forever
+    assert "adapter_config.json: not a regular file" in refused(tmp_path, tiny_lora)
 
 
 def test_bare_file_reads_its_siblings_config(tiny_lora, tmp_path):
