@@ -311,25 +311,34 @@ def test_pissa_adapter_saved_converted_is_plain_lora_and_agrees_with_peft(tmp_pa
     torch.testing.assert_close(ours, peft_logits(tmp_path / "converted"), atol=3e-5, rtol=0)
 
 
-def test_phi2_modules_to_save_lm_head_with_bias_merges_like_peft(tmp_path):
-    """A Phi-2 adapter saved with modules_to_save=["lm_head", "embed_tokens"] carries lm_head.bias:
-    recognised, refused as a LoRA file with a pointer to merging, merged exactly with the flags."""
+PHI2_SAVED = {  # LoraConfig arguments, the parameters "training" changes besides LoRA
+    "modules_to_save lm_head and embed_tokens": (dict(modules_to_save=["lm_head", "embed_tokens"]), "modules_to_save"),
+    "bias all": (dict(bias="all"), ".bias"),
+    "bias lora_only": (dict(bias="lora_only"), "base_layer.bias"),
+}
+
+
+@pytest.mark.parametrize("case", PHI2_SAVED)
+def test_phi2_saved_modules_and_biases_merge_like_peft(case, tmp_path):
+    """A Phi-2 adapter saved with modules_to_save=["lm_head", "embed_tokens"] carries lm_head.bias
+    (bias="all" / "lora_only": trained biases): recognised, refused as a LoRA file with a pointer to
+    merging, merged exactly with the flags."""
     from peft import LoraConfig, get_peft_model
 
     from .test_families_other import PROMPTS, convert, hf_model, logits, save
 
     checkpoint = save(hf_model("PHI_2"), tmp_path / "ckpt", False)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        modules_to_save=["lm_head", "embed_tokens"])
+    extra, trained = PHI2_SAVED[case]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
     torch.manual_seed(11)
     peft = get_peft_model(hf_model("PHI_2"), config).eval()
     with torch.no_grad():  # "training" of the saved modules
         for name, parameter in peft.named_parameters():
-            if "modules_to_save" in name:
+            if trained in name and parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.05)
     peft.save_pretrained(str(tmp_path / "adapter"))
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert any(key.endswith("lm_head.bias") for key in keys)
+    assert any(key.endswith(".bias") for key in keys)
     args = ("--model-type", "PHI_2", "--input-ckpt", checkpoint, "--vocab-model-file", TOKENIZER,
             "--output-dir", tmp_path / "refused", "--lora-ckpt", tmp_path / "adapter")
     result = run_convert(*args, "--lora-rank", 4)
@@ -337,15 +346,15 @@ def test_phi2_modules_to_save_lm_head_with_bias_merges_like_peft(tmp_path):
     assert "neither" not in result.stderr and "not LoRA weights" not in result.stderr
     check = run_convert("--check-adapter", tmp_path / "adapter", "--model-type", "PHI_2", "--input-ckpt", checkpoint,
                         "--merge-lora", "--merge-unsupported")
-    assert check.exit_code == 0 and "lm_head.bias" in check.stdout, check.output
+    assert check.exit_code == 0 and ".bias " in check.stdout, check.output
     out = convert(checkpoint, "PHI_2", tmp_path / "out", "fp32", "--lora-ckpt", tmp_path / "adapter", "--merge-lora",
                   "--merge-unsupported")
     merged = ReferenceModel(WeightFile(out / "model.bin"))
+    plain = ReferenceModel(WeightFile(convert(checkpoint, "PHI_2", tmp_path / "plain", "fp32") / "model.bin"))
     for ids in PROMPTS:
         theirs = logits(peft, ids)
         torch.testing.assert_close(merged.forward(ids)[0], theirs, atol=1e-4, rtol=0)
-        with peft.disable_adapter():
-            assert (theirs - logits(peft, ids)).abs().max() > 0.05  # the saved modules matter
+        assert (theirs - plain.forward(ids)[0]).abs().max() > 0.05  # the adapter matters
 
 
 def test_old_peft_modules_to_save_key_layout_is_read(tiny_lora, tmp_path):
