@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import adversarial as adv  # noqa: E402
+import adversarial as adv
 
 CASES = adv.cases()
 # Modest and without shrinking (each example is a tool run): the first failing input is reported as found.
@@ -66,8 +66,12 @@ def test_checks_can_fail(work):
     assert adv.refusal_problem(adv.Result(1, "", "warning: w\nerror: config.json: bad\n"), ("config.json",)) is None
     assert adv.refusal_problem(adv.Result(1, "", "error: bad\n"), ("config.json",)) is not None
     # a valid conversion during which the tokenizer (an input) is rewritten, as a clobbering tool would
+    def clobber_tokenizer(c, process):
+        process.join()
+        c.tok.write_bytes(b"clobbered")
+
     clobber = adv.Case(id="convert.self-test.clobber", expect="accept", area="io", argv=adv.CONVERT,
-                       during=lambda c, process: (process.join(), c.tok.write_bytes(b"clobbered")) and None)
+                       during=clobber_tokenizer)
     assert "input files changed" in adv.check_case(clobber, work)
     leftover = adv.Case(id="convert.self-test.leftover", expect="refuse", area="io",
                         argv=[*adv.CONVERT, "--model-type", "NOPE"],
