@@ -808,8 +808,8 @@ LONG = "x" * 300
 
 
 def label(key: str, value) -> str:
-    """A case name for a JSON field set to a value: `r-null`, `target_modules-[null]`."""
-    return f"{key}-{json.dumps(value).strip(chr(34)).replace(' ', '')}"
+    """A case name for a JSON field set to a value: `r-null`, `r-string-8`, `target_modules-[null]`."""
+    return f"{key}-string-{value}" if isinstance(value, str) else f"{key}-{json.dumps(value).replace(' ', '')}"
 
 
 def refuse(name, argv, setup=None, **kw) -> tuple:
@@ -1101,7 +1101,7 @@ def convert_flag_cases() -> Iterator[tuple]:
     yield refuse("max-adapter-mb-negative", lora("--lora-rank", "8", "--max-adapter-mb", "-1"),
                  names=("--max-adapter-mb",))
     yield refuse("max-adapter-mb-nan", lora("--lora-rank", "8", "--max-adapter-mb", "nan"),
-                 names=("--max-adapter-mb",))
+                 names=("--max-adapter-mb",), area="adapter")
     yield refuse("max-adapter-mb-too-small", lora("--lora-rank", "8", "--max-adapter-mb", "0.001"))
     yield refuse("quantization-unknown", [*CONVERT, "--quantization", "int3"], names=("--quantization",))
     yield refuse("model-type-unknown", [*CONVERT[:1], "NOPE", *CONVERT[2:]], names=("NOPE",))
@@ -1121,7 +1121,8 @@ def convert_flag_cases() -> Iterator[tuple]:
     yield accept("dry-run-writes-nothing", [*CONVERT_LORA, "--dry-run"], outputs=(),
                  check=lambda c: f"wrote {list(c.out.iterdir())}" if list(c.out.iterdir()) else None)
     yield accept("fp32-dry-run", [*CONVERT, "--quantization", "fp32", "--dry-run"])
-    yield refuse("dry-run-nan-adapter", [*CONVERT_LORA, "--dry-run"], adapter_tensors(fill_a(float("nan"))))
+    yield refuse("dry-run-nan-adapter", [*CONVERT_LORA, "--dry-run"], adapter_tensors(fill_a(float("nan"))),
+                 area="adapter")
     yield accept("int4", [*CONVERT_LORA, "--quantization", "int4"], outputs=BOTH_OUT)
     yield accept("fp32", [*CONVERT_LORA, "--quantization", "fp32"], outputs=BOTH_OUT)
     yield accept("mediapipe-compat", [*CONVERT_LORA, "--mediapipe-compat"], outputs=BOTH_OUT)
@@ -1415,12 +1416,17 @@ TABLES = {
 }
 
 
+# Input kinds, output paths, signals, disk and concurrency belong to the io area in every tool.
+IO_WORDS = ("fifo", "dev-zero", "dev-urandom", "dev-null", "disk-full", "sigterm", "sighup", "sigint", "sigbus",
+            "output-", "-output", "hardlink", "symlink", "concurrent", "is-directory", "too-long", "in-proc")
+
+
 def cases() -> list[Case]:
     """Every case, in table order."""
     found = []
     for (tool, category, area), table in TABLES.items():
         for name, expect, argv, setup, extra in table():
-            extra = {"area": area, **extra}
+            extra = {"area": "io" if any(word in name for word in IO_WORDS) else area, **extra}
             found.append(Case(id=f"{tool}.{category}.{name}", argv=argv, expect=expect, setup=setup, **extra))
     ids = [c.id for c in found]
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
@@ -1661,10 +1667,12 @@ def acceptance_problem(result: Result, case: Case, ctx: Ctx) -> str | None:
     return None
 
 
+def partial_files(ctx: Ctx) -> str | None:
+    partial = [str(p) for p in ctx.root.rglob("*") if ".partial" in p.name]
+    return f"partial files left: {partial}" if partial else None
+
+
 def leftovers(ctx: Ctx, before: dict) -> str | None:
-    partial = [str(p) for p in ctx.root.rglob("*") if p.name.endswith(".partial") or ".partial" in p.name]
-    if partial:
-        return f"partial files left: {partial}"
     after = snapshot(ctx.out)
     new = sorted(set(after) - set(before))
     if new:
@@ -1696,6 +1704,8 @@ def check_case(case: Case, work: Path, keep: bool = False) -> str | None:
             changed = sorted(k for k in inputs_before if inputs_before[k] != after.get(k))
             if changed:
                 problem = f"input files changed or removed: {changed}"
+        if problem is None:
+            problem = partial_files(ctx)
         if problem is None and case.expect == "refuse":
             problem = leftovers(ctx, outputs_before)
         if problem is None and case.check is not None:
