@@ -978,7 +978,8 @@ def convert_config_cases() -> Iterator[tuple]:
 
 
 def convert_tokenizer_cases() -> Iterator[tuple]:
-    tok = lambda value: [*CONVERT[:5], value, *CONVERT[6:]]
+    def tok(value):
+        return [*CONVERT[:5], value, *CONVERT[6:]]
     yield refuse("missing", tok("{ckpt}/nowhere.model"), names=("nowhere.model",))
     yield refuse("garbage", CONVERT, replace_file("tok", b"\x00garbage" * 100), names=("tokenizer.model",))
     yield refuse("empty", CONVERT, replace_file("tok", b""), names=("tokenizer.model",))
@@ -1087,7 +1088,8 @@ def convert_adapter_cases() -> Iterator[tuple]:
 
 
 def convert_flag_cases() -> Iterator[tuple]:
-    lora = lambda *extra: [*CONVERT, "--lora-ckpt", "{lora}", *extra]
+    def lora(*extra):
+        return [*CONVERT, "--lora-ckpt", "{lora}", *extra]
     yield refuse("lora-rank-0", lora("--lora-rank", "0"), names=("--lora-rank",))
     yield refuse("lora-rank-negative", lora("--lora-rank", "-8"), names=("--lora-rank",))
     yield refuse("lora-rank-below-adapter", lora("--lora-rank", "4"), names=("--lora-rank",))
@@ -1131,8 +1133,10 @@ def convert_flag_cases() -> Iterator[tuple]:
 
 
 def convert_output_cases() -> Iterator[tuple]:
-    base = lambda path: [*CONVERT, "--output-tflite-file", path]
-    lora_out = lambda path: [*CONVERT_LORA, "--lora-output-tflite-file", path]
+    def base(path):
+        return [*CONVERT, "--output-tflite-file", path]
+    def lora_out(path):
+        return [*CONVERT_LORA, "--lora-output-tflite-file", path]
     for kind, target, name in (("checkpoint", "{ckpt}/model.safetensors", "model.safetensors"),
                                 ("tokenizer", "{tok}", "tokenizer.model"), ("config", "{ckpt}/config.json", "config.json"),
                                 ("dotdot-checkpoint", "{out}/../in/tiny-gemma/model.safetensors", "model.safetensors")):
@@ -1295,7 +1299,8 @@ def inspect_cases() -> Iterator[tuple]:
 
 
 def package_cases() -> Iterator[tuple]:
-    lora = lambda spec, platform=PACKAGE: [*platform, "--lora", spec]
+    def lora(spec, platform=PACKAGE):
+        return [*platform, "--lora", spec]
     safe = {"check": package_safe}
     yield accept("android", lora("{adapter}"), **safe)
     yield accept("ios", lora("{adapter}", IOS), **safe)
@@ -1306,7 +1311,8 @@ def package_cases() -> Iterator[tuple]:
                             ("dollar", "$(touch PWNED).bin"), ("backtick", "`touch PWNED`.bin"),
                             ("newline", "a\ntouch PWNED\n.bin"), ("space-dash", "-rf x.bin"),
                             ("semicolon", "x;touch PWNED.bin")):
-        setup = lambda c, f=filename: shutil.copy(c.adapter, c.input / f)
+        def setup(c, f=filename):
+            return shutil.copy(c.adapter, c.input / f)
         yield either(f"lora-name-{kind}", lora("good={input}/" + filename), setup, **safe)
         yield either(f"model-name-{kind}", ["{input}/" + filename, *PACKAGE[1:]],
                      lambda c, f=filename: shutil.copy(c.model, c.input / f), **safe)
