@@ -1580,7 +1580,7 @@ def _child(tool: str, argv: list[str], cwd: str, stdout: str, stderr: str) -> No
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
     module, name = TOOLS[tool]
     main = getattr(importlib.import_module(module), name)
-    main.main(args=SUBCOMMANDS.get(tool, []) + argv, prog_name=f"lora-{tool}", standalone_mode=True)
+    main(args=SUBCOMMANDS.get(tool, []) + argv, prog_name=f"lora-{tool}")  # supervised, as the console script runs
 
 
 def start(tool: str, argv: list[str], cwd: Path, tag: str = "") -> tuple[multiprocessing.Process, Path, Path]:
