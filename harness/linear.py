@@ -9,7 +9,8 @@ all digit rows go through one integer matmul (the weights are read once), and th
 results are combined in float64. Four digits leave an activation error below
 `max|x| * 3e-10`, far under float32 rounding, so the result is the float32 product with the
 weights exactly as stored, at int8 memory traffic. On x86 the weights are packed once for
-oneDNN's int8 kernels (what PyTorch's own quantized inference uses); elsewhere `torch._int_mm`.
+oneDNN's int8 kernels (what PyTorch's own quantized inference uses) where a probe shows them
+exact (VNNI); elsewhere `torch._int_mm`.
 """
 from __future__ import annotations
 
@@ -100,8 +101,20 @@ class IntMmProduct:
         return torch._int_mm(digits.to(torch.int8), self.values.T).to(torch.float32) * self.scale
 
 
-PRODUCT = OneDnnProduct if torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64") \
-    else IntMmProduct
+def exact_product() -> type[OneDnnProduct] | type[IntMmProduct]:
+    """oneDNN's kernels where they are exact, else `torch._int_mm`. Without VNNI (AVX2 only, e.g.
+    some AMD EPYC) oneDNN adds unsigned x signed byte pairs in saturating int16 and is wrong for
+    large digits, so a worst-case probe decides, not the CPU's name."""
+    if not torch.backends.mkldnn.is_available() or platform.machine() not in ("x86_64", "AMD64"):
+        return IntMmProduct
+    values = torch.tensor([[127, -127] * 32, [-127, 127] * 32, [127] * 64, [-127] * 64], dtype=torch.int8)
+    digits = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32, [-127.0, 127.0] * 32])
+    exact = digits.double() @ values.double().T
+    probe = OneDnnProduct(values, torch.ones(values.shape[0]))(digits)
+    return OneDnnProduct if torch.equal(probe.double(), exact) else IntMmProduct
+
+
+PRODUCT = exact_product()
 
 
 @contextmanager

@@ -159,7 +159,7 @@ def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, mon
     """Integer digits of the activations lose nothing float32 would keep: the error from the exact
     (float64) product of the stored weights is no larger than a float32 matmul's."""
     from harness import linear
-    from harness.linear import IntMmProduct, OneDnnProduct, QuantizedLinear
+    from harness.linear import IntMmProduct, QuantizedLinear, exact_product
 
     generator = torch.Generator().manual_seed(bits)
     limit = 2 ** (bits - 1)
@@ -168,12 +168,27 @@ def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, mon
     x = torch.randn(5, 256, generator=generator) * torch.logspace(-3, 2, 256)  # wide range, as hidden states
     exact = x.double() @ (values.double() * scale.double()[:, None]).T
     float32 = x @ (values.float() * scale[:, None]).T
-    for product in (OneDnnProduct, IntMmProduct):
+    for product in {exact_product(), IntMmProduct}:  # oneDNN's kernels where this CPU has exact ones
         monkeypatch.setattr(linear, "PRODUCT", product)
         ours = QuantizedLinear(values, scale)(x)
         assert (ours.double() - exact).abs().max() <= (float32.double() - exact).abs().max(), product
     assert torch.equal(QuantizedLinear(values, scale, keep_rows=True).rows(torch.tensor([3, 0])),
                        values[[3, 0]].float() * scale[[3, 0], None])
+
+
+def test_onednn_is_used_only_where_its_int8_products_are_exact():
+    """Without VNNI oneDNN sums byte pairs in saturating int16: its products of large digits are then
+    wrong, and the probe must fall back to torch._int_mm (which is exact everywhere)."""
+    from harness.linear import IntMmProduct, OneDnnProduct, exact_product
+
+    values = torch.full((8, 64), 127, dtype=torch.int8)
+    digits = torch.full((2, 64), 127.0)
+    exact = digits.double() @ values.double().T
+    assert torch.equal(IntMmProduct(values, torch.ones(8))(digits).double(), exact)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    onednn_exact = torch.equal(OneDnnProduct(values, torch.ones(8))(digits).double(), exact)
+    assert exact_product() is (OneDnnProduct if onednn_exact else IntMmProduct)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
