@@ -50,6 +50,22 @@ def dims_from_parameters(params: llm_params_pb2.LlmParameters, path: Path) -> Di
     return dims
 
 
+def check_values(t: TP, path: Path) -> None:
+    """Refuse LlmParameters values the forward pass cannot use (they would give NaN or masked-out
+    attention, not an error): negative windows or layer patterns, non-finite caps and rotary settings."""
+    attention = t.self_attention_parameters
+    checks = [("self_attention_parameters.sliding_window_size", attention.sliding_window_size, False),
+              ("num_local_layers_per_global", t.num_local_layers_per_global, False),
+              ("self_attention_parameters.soft_cap_value", attention.soft_cap_value, False),
+              ("final_project_parameters.soft_cap_value", t.final_project_parameters.soft_cap_value, False)]
+    checks += [(name, getattr(t, name), True) for name in ("query_rescale_factor", "global_rope_wavelength",
+                                                            "global_rope_scaling") if t.HasField(name)]
+    for name, value, positive in checks:
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ConversionError(f"{path}: LlmParameters {name} is {value}, expected a finite number "
+                                  f"{'> 0' if positive else '>= 0'}")
+
+
 def family_of(weights: WeightFile) -> ModelFamily:
     for family in FAMILIES:
         if any(t.name == weights.subgraph_name for t in family.model_types):
@@ -174,6 +190,7 @@ class ReferenceModel:
         self.parameters = base.parameters
         self.t = self.parameters.transformer_parameters
         self.dims = d = dims_from_parameters(self.parameters, base.path)
+        check_values(self.t, base.path)
         self.context = context_of(base)
         self.globals: Weights = {}
         for rule in self.family.head + self.family.tail:

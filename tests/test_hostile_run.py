@@ -80,6 +80,12 @@ def parameters_of(path: Path, **changes) -> llm_params_pb2.LlmParameters:
     return params
 
 
+def window_of(path: Path, window: int) -> llm_params_pb2.LlmParameters:
+    params = WeightFile(path).parameters
+    params.transformer_parameters.self_attention_parameters.sliding_window_size = window
+    return params
+
+
 @contextmanager
 def no_hang(seconds: int = 30):
     """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
@@ -250,6 +256,10 @@ def test_parameters_that_disagree_with_the_tensors_name_the_culprit(files, tmp_p
          "LlmParameters num_kv_heads 3 does not divide num_heads 4"),
         (rewrite(base, tmp_path / "wider.bin", parameters_of(base, embedding_dim=128)),
          "tensor params.lm.softmax.logits_ffn.w has 131072 bytes of type 0, not a float [512, 128] matrix"),
+        (rewrite(base, tmp_path / "window.bin", window_of(base, -4)),
+         "LlmParameters self_attention_parameters.sliding_window_size is -4, expected a finite number >= 0"),
+        (rewrite(base, tmp_path / "cap.bin", parameters_of(base, query_rescale_factor=float("nan"))),
+         "LlmParameters query_rescale_factor is nan, expected a finite number > 0"),
         (rewrite(base, tmp_path / "short-norm.bin", sizes={norm: 128}),
          f"tensor {norm} has 128 bytes of type 0, not 64 float32 values"),
         (rewrite(base, tmp_path / "no-norm.bin", drop=[norm]), f"no tensor {norm}"),
