@@ -10,6 +10,7 @@ import click
 
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS, RuntimeOptions
+from converter.version import version_option
 
 from .config import FORMATS, BundleConfig
 
@@ -30,8 +31,10 @@ def fail(exc: ConversionError) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("lora-bundle")
 @click.option("--tflite-model", help="GPU weights file from lora-convert (or MediaPipe).")
-@click.option("--tokenizer-model", help="SentencePiece tokenizer.model.")
+@click.option("--tokenizer-model",
+              help="SentencePiece tokenizer.model, or a Hugging Face tokenizer folder (.task only).")
 @click.option("--start-token", help="Start token, e.g. <bos>.")
 @click.option("--stop-tokens", multiple=True, help="Stop token (repeat for several).")
 @click.option("--output-filename", help="Bundle path (.task / .litertlm is appended if missing).")

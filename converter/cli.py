@@ -6,19 +6,23 @@ import sys
 import click
 
 from . import config as options
+from . import hub
 from .config import ConversionConfig
 from .convert import execute
+from .detect import infer_model_type, resolve_ckpt_format
 from .errors import ConversionError
 from .merge import MergedSource
 from .models import FAMILIES, model_type_names
 from .models.base import ModelFamily, ModelType
 from .plan import ConversionPlan, make_plan
+from .split import SplittingSource
+from .version import version_option
 
 
 def print_plan(plan: ConversionPlan) -> None:
     """One line per output tensor: input (`+ LoRA` etc. where an adapter is merged into it), output,
     input shape, dtype, encoding, bytes."""
-    merged = plan.source.inner  # the checkpoint under the fused-tensor splitter
+    merged = plan.source.inner if isinstance(plan.source, SplittingSource) else plan.source  # under the splitter
     merges = merged.merges if isinstance(merged, MergedSource) else {}
     if merges:
         click.echo(f"# merging {plan.config.lora_ckpt} into {len(merges)} base tensors; no LoRA file")
@@ -98,17 +102,46 @@ def print_models(ctx: click.Context, _option, value: bool) -> None:
     ctx.exit()
 
 
+def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str | None:
+    """Fill in, in place, what the files imply: hub ids become local snapshot folders, `--ckpt-format`
+    is detected and `--model-type` inferred from config.json when not given; returns the adapter to check."""
+    def local(option: str, given: str | None, path: str | None) -> str | None:
+        if path != given and not quiet:
+            click.echo(f"note: {option} {given} is {path}", err=True)
+        return path
+
+    kwargs["input_ckpt"] = local("--input-ckpt", kwargs["input_ckpt"],
+                                 hub.checkpoint_path(kwargs["input_ckpt"], kwargs["ckpt_format"]))
+    kwargs["lora_ckpt"] = local("--lora-ckpt", kwargs["lora_ckpt"], hub.adapter_path(kwargs["lora_ckpt"]))
+    check_adapter = local("--check-adapter", check_adapter, hub.adapter_path(check_adapter, "--check-adapter"))
+    checkpoint = kwargs["input_ckpt"]
+    kwargs["ckpt_format"] = resolve_ckpt_format(checkpoint, kwargs["ckpt_format"]) if checkpoint else "safetensors"
+    if kwargs["model_type"] is None:
+        if not checkpoint:
+            raise click.UsageError("Missing option '--model-type' (or --input-ckpt, to infer it from its config.json)")
+        kwargs["model_type"] = infer_model_type(checkpoint)
+        if not quiet:
+            click.echo(f"note: --model-type {kwargs['model_type']} (inferred from config.json)", err=True)
+    return check_adapter
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("lora-convert")
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=print_models,
               help="List the supported model types with their LoRA targets, quantizations and backends, and exit.")
-@click.option("--input-ckpt", default=None, help="Base checkpoint: file, folder (sharded too) or glob.")
-@click.option("--ckpt-format", type=click.Choice(options.CKPT_FORMATS), default="safetensors", show_default=True)
-@click.option("--model-type", required=True, metavar="TYPE", help=f"One of: {', '.join(model_type_names())}.")
+@click.option("--input-ckpt", default=None,
+              help="Base checkpoint: file, folder (sharded too), glob, or Hugging Face hub id OWNER/NAME[@REVISION].")
+@click.option("--ckpt-format", type=click.Choice(options.CKPT_FORMATS), default=None,
+              help="Checkpoint file format [default: detected from the files].")
+@click.option("--model-type", default=None, metavar="TYPE",
+              help=f"One of: {', '.join(model_type_names())} [default: inferred from config.json when unambiguous].")
 @click.option("--backend", type=click.Choice(options.BACKENDS), default="gpu", show_default=True)
 @click.option("--output-dir", default=None, help="Output folder (created if missing).")
 @click.option("--output-tflite-file", default=None, help="Base weights file [default: OUTPUT_DIR/model.tflite].")
-@click.option("--vocab-model-file", default=None, help="SentencePiece tokenizer.model of the base model.")
-@click.option("--lora-ckpt", default=None, help="LoRA adapter: PEFT folder or .safetensors/.bin file.")
+@click.option("--vocab-model-file", default=None,
+              help="Tokenizer of the base model: SentencePiece tokenizer.model or a Hugging Face tokenizer folder.")
+@click.option("--lora-ckpt", default=None,
+              help="LoRA adapter: PEFT folder, .safetensors/.bin file or Hugging Face hub id OWNER/NAME[@REVISION].")
 @click.option("--lora-rank", type=int, default=None, help="Rank the runtime is told (>= the adapter's rank).")
 @click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
 @click.option("--quantization", type=click.Choice(options.QUANTIZATIONS), default="int8", show_default=True,
@@ -134,6 +167,13 @@ def print_models(ctx: click.Context, _option, value: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:
     """Convert a Hugging Face checkpoint (+ LoRA adapter) to MediaPipe GPU weight files."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("input_ckpt", "output_dir", "vocab_model_file") if not kwargs[k]]
+    if missing and not check_adapter:
+        raise click.UsageError(f"Missing option(s) {', '.join(missing)}")
+    try:
+        check_adapter = resolve_inputs(kwargs, check_adapter, quiet)
+    except ConversionError as exc:
+        fail(exc)
     if check_adapter:
         try:
             print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"],
@@ -141,9 +181,6 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
         except ConversionError as exc:
             fail(exc)
         return
-    missing = [f"--{k.replace('_', '-')}" for k in ("input_ckpt", "output_dir", "vocab_model_file") if not kwargs[k]]
-    if missing:
-        raise click.UsageError(f"Missing option(s) {', '.join(missing)}")
     try:
         plan = make_plan(ConversionConfig(**kwargs))
     except ConversionError as exc:

@@ -8,6 +8,7 @@ import click
 
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS
+from converter.version import version_option
 
 from .inputs import check_prompt, tolerant_stdout
 
@@ -15,10 +16,11 @@ DIRECTORY = click.Path(path_type=Path)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
 @click.option("--lora", type=click.Path(path_type=Path), default=None, help="LoRA weights .bin (loraPath).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="SentencePiece model [default: the one in the model file].")
+              help="SentencePiece model or Hugging Face tokenizer folder [default: the one in the model file].")
 @click.option("--prompt", required=True)
 @click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True, help="KV-cache size: prompt + output tokens, at most the model's context.")
 @click.option("--top-k", default=DEFAULTS.top_k, show_default=True)

@@ -13,6 +13,7 @@ listed in the README ("A LoRA that visibly works, in the real runtimes").
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,18 @@ from converter.runtime_options import RuntimeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_DIR = Path(__file__).resolve().parent / "web"
-PACKAGE_DIR = ROOT / ".web" / "node_modules" / "@mediapipe" / "tasks-genai"  # scripts/setup_web.sh
+WEB_DIR_VARIABLE = "LORA_WEB_DIR"
+
+
+def web_dir() -> Path:
+    """Where scripts/setup_web.sh's npm install is: $LORA_WEB_DIR, else the checkout's `.web/` (run from a
+    source tree), else `.web/` in the current folder (an installed wheel has no checkout around it)."""
+    if os.environ.get(WEB_DIR_VARIABLE):
+        return Path(os.environ[WEB_DIR_VARIABLE])
+    return ROOT / ".web" if (ROOT / "pyproject.toml").is_file() else Path.cwd() / ".web"
+
+
+PACKAGE_DIR = web_dir() / "node_modules" / "@mediapipe" / "tasks-genai"
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the binary, not the /usr/bin wrapper that adds flags
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--no-first-run",
                   "--remote-debugging-port=0", "--remote-allow-origins=*"]
@@ -45,7 +57,8 @@ def missing(chromium: Path = CHROMIUM, package_dir: Path = PACKAGE_DIR) -> str |
     if not chromium.exists():
         return f"no Chromium at {chromium} (apt-get install chromium)"
     if not (package_dir / "genai_bundle.mjs").exists():
-        return f"no @mediapipe/tasks-genai at {package_dir} (bash scripts/setup_web.sh)"
+        return (f"no @mediapipe/tasks-genai at {package_dir} (bash scripts/setup_web.sh in a checkout, or set "
+                f"{WEB_DIR_VARIABLE} to the folder holding its node_modules)")
     return None
 
 

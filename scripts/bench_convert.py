@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -66,7 +67,7 @@ def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/lora-convert-bench"), show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "lora-convert-bench", show_default=True)
 @click.option("--preset", default="GEMMA_2B", show_default=True)
 @click.option("--quantization", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="0: base only.")

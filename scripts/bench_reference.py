@@ -25,12 +25,12 @@ from pathlib import Path
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from oracle import ROOT, ensure_checkpoint  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
-CHECKPOINT = Path("/work/big/gemma-2b")
-TOKENIZER = Path("/work/big/tok/tokenizer.model")
-DEFAULT_MODEL = Path("/work/big/compare/gemma-2b-int8.bin")
+WORKDIR = Path(tempfile.gettempdir()) / "lora-convert-bench"  # shared with bench_convert.py's checkpoint
 STRATEGIES = ("integer", "dequantized")
 
 
@@ -83,12 +83,14 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def ensure_model(model_path: Path) -> None:
+def ensure_model(model_path: Path, workdir: Path) -> None:
+    """The GEMMA_2B-shaped int8 file, converted from scripts/make_checkpoint.py's checkpoint if missing."""
     if model_path.is_file():
         return
-    click.echo(f"converting {CHECKPOINT} -> {model_path} (int8)", err=True)
-    subprocess.run([sys.executable, "-m", "converter.cli", "--model-type", "GEMMA_2B", "--input-ckpt", str(CHECKPOINT),
-                    "--vocab-model-file", str(TOKENIZER), "--quantization", "int8", "--output-dir",
+    checkpoint, _, tokenizer = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b")
+    click.echo(f"converting {checkpoint} -> {model_path} (int8)", err=True)
+    subprocess.run([sys.executable, "-m", "converter.cli", "--model-type", "GEMMA_2B", "--input-ckpt", str(checkpoint),
+                    "--vocab-model-file", str(tokenizer), "--quantization", "int8", "--output-dir",
                     str(model_path.parent), "--output-tflite-file", str(model_path), "--quiet"], cwd=ROOT, check=True)
 
 
@@ -116,15 +118,19 @@ def report(title: str, results: dict[str, dict]) -> None:
 
 
 @click.command()
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
-              help="GEMMA_2B-shaped int8 .bin (converted from /work/big/gemma-2b if missing).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=WORKDIR, show_default=True,
+              help="Where the GEMMA_2B-shaped checkpoint and its int8 file are made (when --model is not given).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="GEMMA_2B-shaped int8 .bin [default: WORKDIR/gemma-2b-int8.bin, converted if missing].")
 @click.option("--prompt-tokens", default=64, show_default=True)
 @click.option("--generate-tokens", default=16, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also run the dequantize-to-float32 strategy (about 10 GiB for GEMMA_2B).")
 @click.option("--big/--tiny-only", default=True, show_default=True, help="Also run the GEMMA_2B-shaped file.")
 @click.option("--child", type=click.Choice(STRATEGIES), default=None, hidden=True)
-def main(model_path: Path, prompt_tokens: int, generate_tokens: int, baseline: bool, big: bool, child: str | None) -> None:
+def main(workdir: Path, model_path: Path | None, prompt_tokens: int, generate_tokens: int, baseline: bool, big: bool,
+         child: str | None) -> None:
+    model_path = model_path or workdir / "gemma-2b-int8.bin"
     if child:
         click.echo(json.dumps(measure(model_path, child, prompt_tokens, generate_tokens)))
         return
@@ -135,7 +141,7 @@ def main(model_path: Path, prompt_tokens: int, generate_tokens: int, baseline: b
                {s: in_child(tiny, s, prompt_tokens, 100) for s in strategies})
     if not big:
         return
-    ensure_model(model_path)
+    ensure_model(model_path, workdir)
     report(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, {torch_threads()} threads:", {s: in_child(model_path, s, prompt_tokens, generate_tokens) for s in strategies})
 
 

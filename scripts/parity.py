@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -85,7 +86,7 @@ def checkpoint_input(preset: str, folder: Path) -> tuple[str, Path]:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/lora-convert-parity"), show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "lora-convert-parity", show_default=True)
 @click.option("--preset", default="GEMMA_2B", show_default=True)
 @click.option("--quantization", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="0: no LoRA.")

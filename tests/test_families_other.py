@@ -55,7 +55,7 @@ def hf_model(model_type: str, **overrides):
     torch.manual_seed(sorted(TINY_CONFIGS).index(model_type))
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms and biases away from their 1/0 init, so a misplaced one shows
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     return model

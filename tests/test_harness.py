@@ -217,9 +217,14 @@ def test_truncated_quantized_tensor_is_one_clear_error(files, tmp_path):
 def test_small_work_runs_on_one_thread_and_restores_the_count():
     from harness.linear import SMALL_WORK, threads_for
 
-    threads = torch.get_num_threads()
-    with threads_for(SMALL_WORK - 1):
-        assert torch.get_num_threads() == 1
-    with threads_for(SMALL_WORK):
-        assert torch.get_num_threads() == threads
-    assert torch.get_num_threads() == threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # with one thread already, nothing below could fail
+    try:
+        with threads_for(SMALL_WORK - 1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads_for(SMALL_WORK):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

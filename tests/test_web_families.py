@@ -61,7 +61,7 @@ def tiny_model(model_type: str):
     torch.manual_seed(sorted(FAMILIES).index(model_type))
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
         parameters = dict(model.named_parameters())
