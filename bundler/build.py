@@ -7,13 +7,13 @@ from pathlib import Path
 import sentencepiece as spm
 
 from converter.errors import ConversionError
-from converter.hf_tokenizer import is_converted_hf_tokenizer
+from converter.files import check_output, refuse_overwrite, regular_file
 from converter.models import find_model_type
 from converter.tflite import WeightFile
-from converter.tokenizer import load_tokenizer
+from converter.tokenizer import check_tokenizer_size, load_tokenizer
 
 from .config import BundleConfig
-from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
+from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, file_kind, write_zip
 
 
 @dataclass(frozen=True)
@@ -33,23 +33,25 @@ def token_id(tokenizer: spm.SentencePieceProcessor, token: str, option: str, pat
     return piece_id
 
 
-def tokenizer_sizes(model_type: str, vocab_size: int) -> set[int]:
-    """Piece counts a tokenizer may have for the model: the vocabulary, or fewer by the family's
-    embedding rows that no piece names (Gemma 3 4B and up: 262208 rows, 262144 pieces)."""
+def untokenized_rows(model_type: str) -> int:
+    """Embedding rows of the model type's family that no tokenizer piece names (0 for unknown types)."""
     try:
         family, _ = find_model_type(model_type)
     except ConversionError:
-        return {vocab_size}
-    return {vocab_size, vocab_size - family.untokenized_rows}
+        return 0
+    return family.untokenized_rows
 
 
 def check_inputs(config: BundleConfig) -> CheckedInputs:
     """The model must be a GPU weights file (base, not LoRA), the tokenizer a SentencePiece
     model (or a Hugging Face tokenizer folder, converted as lora-convert does) with the model's
-    vocabulary (see `tokenizer_sizes`), and the start/stop tokens pieces of it."""
+    vocabulary (`check_tokenizer_size`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
-    if not model_path.is_file():
-        raise ConversionError(f"--tflite-model {model_path}: file not found")
+    regular_file(model_path, "--tflite-model")
+    kind = file_kind(model_path)
+    if kind != "weights":
+        raise ConversionError(f"--tflite-model {model_path} is a .{kind} bundle; give the GPU weights .bin "
+                              "from lora-convert")
     model = WeightFile(model_path)
     if model.lora_rank is not None:
         raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
@@ -58,12 +60,10 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
         raise ConversionError(f"--tokenizer-model {tokenizer_path} is a folder; .litertlm takes a SentencePiece "
                               ".model file (a Hugging Face tokenizer folder works for .task bundles)")
     tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
-    vocab_size, pieces = model.parameters.vocab_size, tokenizer.vocab_size()
-    # Hugging Face checkpoints pad their embeddings past the tokenizer (Phi-2: 51200 rows, 50295 pieces).
-    padded = is_converted_hf_tokenizer(tokenizer_bytes) and pieces <= vocab_size
-    if vocab_size and not padded and pieces not in tokenizer_sizes(model.subgraph_name, vocab_size):
-        raise ConversionError(f"--tokenizer-model {tokenizer_path} has {pieces} pieces but "
-                              f"{model_path} was converted for a vocabulary of {vocab_size}")
+    vocab_size = model.parameters.vocab_size
+    if vocab_size:
+        check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, untokenized_rows(model.subgraph_name),
+                             f"--tokenizer-model {tokenizer_path}", str(model_path))
     start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
     return CheckedInputs(model, tokenizer, tokenizer_bytes, start_id, stop_ids)
@@ -71,8 +71,10 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
 
 def write_bundle(config: BundleConfig) -> Path:
     """Validate and write the bundle; returns its path."""
+    path = check_output(config.output_path, "--output-filename")
     checked = check_inputs(config)
-    path = config.output_path
+    refuse_overwrite([("--output-filename", path)], [("--tflite-model", config.tflite_model),
+                                                      ("--tokenizer-model", config.tokenizer_model)])
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 

@@ -11,6 +11,7 @@ import click
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS, RuntimeOptions
 from converter.version import version_option
+from converter.supervisor import SupervisedGroup
 
 from .config import FORMATS, BundleConfig
 
@@ -30,7 +31,7 @@ def fail(exc: ConversionError) -> None:
     sys.exit(1)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SupervisedGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-bundle")
 @click.option("--tflite-model", help="GPU weights file from lora-convert (or MediaPipe).")
 @click.option("--tokenizer-model",
@@ -106,7 +107,8 @@ def parse_lora(value: str) -> tuple[str, Path]:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH", help="LoRA weights file (repeatable).")
 @click.option("--platform", type=click.Choice(["android", "ios"]), required=True)
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="Folder to write: new, empty, or an earlier package (replaced as a whole).")
 @click.option("--pack-name", default="llm", show_default=True, help="Asset pack / resource folder name.")
 @click.option("--delivery", type=click.Choice(["install-time", "fast-follow", "on-demand"]), default="install-time",
               show_default=True, help="Play Asset Delivery type (Android).")

@@ -7,6 +7,18 @@ from pathlib import Path
 from converter.errors import ConversionError
 
 FORMATS = ("task", "litertlm")
+MAX_TEXT_BYTES = 256 << 10  # per token or prompt option: ~64k tokens, beyond any on-device context
+
+
+def check_text(text: str, option: str) -> None:
+    """Text that goes into the bundle's protobufs: valid UTF-8 (argv bytes that are not arrive as
+    surrogates) and bounded."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConversionError(f"{option} {text[:40]!r}: not valid UTF-8 (at character {exc.start})") from None
+    if size > MAX_TEXT_BYTES:
+        raise ConversionError(f"{option}: {size:,} bytes, more than the {MAX_TEXT_BYTES >> 10} KiB allowed")
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,12 @@ class BundleConfig:
             raise ConversionError("--stop-tokens: give at least one stop token")
         if not self.start_token:
             raise ConversionError("--start-token is required (e.g. <bos>)")
+        texts = [("--start-token", self.start_token), *(("--stop-tokens", t) for t in self.stop_tokens),
+                 ("--system-prompt", self.system_prompt), ("--prompt-prefix", self.prompt_prefix),
+                 ("--prompt-suffix", self.prompt_suffix)]
+        for option, text in texts:
+            if text is not None:
+                check_text(text, option)
         if self.format not in FORMATS:
             raise ConversionError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
 

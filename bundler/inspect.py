@@ -9,9 +9,9 @@ from pathlib import Path
 import sentencepiece as spm
 from google.protobuf.json_format import MessageToDict
 
-from converter.errors import ConversionError
 from converter.tflite import SPM_VOCAB_MODEL, TYPE_NAMES, WeightFile
 from converter.proto import llm_params_pb2
+from converter.tokenizer import parse_sentencepiece
 
 from .task import TOKENIZER_ENTRY, open_weights
 
@@ -53,13 +53,17 @@ def describe_weights(weights: WeightFile) -> dict:
     }
 
 
-def describe_tokenizer(model: bytes) -> tuple[dict, spm.SentencePieceProcessor]:
-    processor = spm.SentencePieceProcessor()
-    try:
-        processor.LoadFromSerializedProto(model)
-    except RuntimeError:
-        raise ConversionError("the tokenizer is not a valid SentencePiece model") from None
+def describe_tokenizer(model: bytes, where: str) -> tuple[dict, spm.SentencePieceProcessor]:
+    """Size and hash of the SentencePiece model found at `where` (file and entry, for errors)."""
+    processor = parse_sentencepiece(model, where)
     return {"vocab_size": processor.vocab_size(), "sha256": hashlib.sha256(model).hexdigest()}, processor
+
+
+def piece(processor: spm.SentencePieceProcessor, token_id: int) -> str:
+    """The piece of a start token id, or a note when the tokenizer has no such id."""
+    if 0 <= token_id < processor.vocab_size():
+        return processor.id_to_piece(token_id)
+    return f"<id {token_id}: not in the tokenizer>"
 
 
 def describe(path: Path, with_hashes: bool = True) -> dict:
@@ -77,14 +81,15 @@ def describe(path: Path, with_hashes: bool = True) -> dict:
              **({"sha256": sha256(path, e.offset, e.size)} if with_hashes else {})}
             for e in task.entries.values()
         ]
-        tokenizer, processor = describe_tokenizer(task.read(TOKENIZER_ENTRY))
+        tokenizer, processor = describe_tokenizer(task.read(TOKENIZER_ENTRY), f"{path}: entry {TOKENIZER_ENTRY}")
         result["bundle"] = MessageToDict(metadata, preserving_proto_field_name=True)
         start, stops = metadata.start_token, list(metadata.stop_tokens)
     else:
         result["format"] = "weights"
-        tokenizer, processor = describe_tokenizer(weights.metadata.get(SPM_VOCAB_MODEL) or b"")
+        tokenizer, processor = describe_tokenizer(weights.metadata.get(SPM_VOCAB_MODEL) or b"",
+                                                  f"{path}: metadata {SPM_VOCAB_MODEL}")
         parameters = weights.parameters
-        start = processor.id_to_piece(parameters.start_token_id) if parameters.HasField("start_token_id") else \
+        start = piece(processor, parameters.start_token_id) if parameters.HasField("start_token_id") else \
             parameters.start_token
         stops = list(parameters.stop_tokens)
     result["model"] = describe_weights(weights)

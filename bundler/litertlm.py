@@ -3,20 +3,38 @@
 Written with Google's `litert-lm-builder`. LiteRT-LM runs a MediaPipe GPU weights file when it
 is a TFLiteModel section of type `tf_lite_artisan_text_decoder` (its "GPU artisan" executor),
 next to a SentencePiece tokenizer section and an LlmMetadata section with the token ids.
+
+The builder stamps a random `uuid` and the wall-clock `creation_timestamp` into the header's
+system metadata and offers no way to set them. We rewrite the header (parsed and packed with the
+builder's own flatbuffers schema) with a uuid derived from the sections' bytes and a fixed
+timestamp, so the same inputs give the same file, byte for byte.
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
+import uuid
 from pathlib import Path
+from typing import BinaryIO
 
+import flatbuffers
 import litert_lm_builder as builder
+from litert_lm_builder import litertlm_core
+from litert_lm_builder import litertlm_header_schema_py_generated as schema
 from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
+from converter.errors import ConversionError
 from converter.files import atomic_output
 
 from .config import BundleConfig
 
 AUTHORS = "lora-convert"
+FIXED_TIMESTAMP = "1980-01-01T00:00:00+00:00"  # the .task entries' fixed date
+HASH_BLOCK = 16 << 20
+# The generated reader calls VDataCreator but defines VdataCreator (litert-lm-builder 0.7):
+# without the alias its object API cannot read a header back.
+if not hasattr(schema, "VDataCreator"):
+    schema.VDataCreator = schema.VdataCreator
 
 
 def llm_metadata(config: BundleConfig, start_id: int, stop_ids: list[int]) -> llm_metadata_pb2.LlmMetadata:
@@ -43,3 +61,32 @@ def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], pat
         file.add_sentencepiece_tokenizer(str(config.tokenizer_model))
         file.add_llm_metadata(str(metadata_path))
         file.build(handle)
+        pin_system_metadata(handle)
+
+
+def pin_system_metadata(handle: BinaryIO) -> None:
+    """Replace the header's random uuid and creation time (see the module docstring) in the
+    container just written to `handle`; the sections do not move."""
+    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
+    header_end = int.from_bytes(handle.read(8), "little")
+    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
+    handle.seek(start)
+    header = schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0)
+    first_section = min(section.beginOffset for section in header.sectionMetadata.objects)
+    digest = hashlib.sha256()
+    handle.seek(first_section)
+    while block := handle.read(HASH_BLOCK):
+        digest.update(block)
+    values = {b"uuid": str(uuid.UUID(bytes=digest.digest()[:16], version=5)), b"creation_timestamp": FIXED_TIMESTAMP}
+    for entry in header.systemMetadata.entries:
+        if entry.key in values:
+            entry.value = schema.StringValueT(values[entry.key])
+            entry.valueType = schema.VData.StringValue
+    packer = flatbuffers.Builder(litertlm_core.BLOCK_SIZE)
+    packer.Finish(header.Pack(packer))
+    packed = bytes(packer.Output())
+    if start + len(packed) > first_section:
+        raise ConversionError("litert-lm-builder wrote a header with no room to pin its uuid and timestamp")
+    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
+    handle.write((start + len(packed)).to_bytes(8, "little"))
+    handle.write(packed.ljust(max(header_end - start, len(packed)), b"\0"))

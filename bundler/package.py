@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import plistlib
 import re
+import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 from converter.config import MAX_LORA_RANK
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS, RuntimeOptions
-from converter.files import atomic_output
+from converter.files import atomic_output, regular_file
 from converter.tflite import WeightFile
 
 from .inspect import describe_weights, sha256
-from .task import open_weights
+from .output import MANIFEST, check_distinct, check_file_name, check_output_folder, staged_folder
+from .task import file_kind, open_weights
 
 PLATFORMS = ("android", "ios")
 DELIVERY_TYPES = ("install-time", "fast-follow", "on-demand")
@@ -34,7 +36,8 @@ GB = 1 << 30
 ANDROID_PACK_LIMITS = {"install-time": 1 * GB, "fast-follow": 512 * MB, "on-demand": 512 * MB}
 IOS_ODR_TAG_LIMIT = 512 * MB
 IOS_APP_LIMIT = 4 * GB
-NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+NAME_RULE = "use up to 64 letters, digits and _, starting with a letter"
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ class PackageResult:
 
 def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
     """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
-    if not path.is_file():
-        raise ConversionError(f"--lora {path}: file not found")
+    regular_file(path, "--lora")
+    kind = file_kind(path)
+    if kind != "weights":
+        raise ConversionError(f"--lora {path} is a .{kind} bundle, not a LoRA weights file")
     lora = WeightFile(path)
     if lora.lora_rank is None:
         raise ConversionError(f"--lora {path} is not a LoRA weights file (no lora_rank metadata)")
@@ -67,8 +72,8 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
         raise ConversionError(f"--lora {path} was converted for a model with other dimensions than {base_path}")
     if lora.lora_rank > MAX_LORA_RANK or lora.lora_rank % 4:
         raise ConversionError(f"--lora {path} has rank {lora.lora_rank}; expected a multiple of 4 up to {MAX_LORA_RANK}")
-    if not NAME.match(name):
-        raise ConversionError(f"--lora name {name!r}: use letters, digits and _ (starting with a letter)")
+    if not NAME.fullmatch(name):
+        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
     return lora
 
 
@@ -99,31 +104,31 @@ def size_warnings(platform: str, delivery: str, files: list[PackagedFile]) -> li
 
 def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: Path, pack_name: str = "llm",
             delivery: str = "install-time", options: RuntimeOptions = DEFAULTS) -> PackageResult:
-    """Check the model and adapters, copy them into a platform layout and write the manifests."""
+    """Check the model and adapters, lay them out for the platform with the manifests in a folder
+    beside `output`, then rename it to `output` (see bundler/output.py)."""
     if platform not in PLATFORMS:
         raise ConversionError(f"--platform {platform!r}: expected one of {', '.join(PLATFORMS)}")
     if delivery not in DELIVERY_TYPES:
         raise ConversionError(f"--delivery {delivery!r}: expected one of {', '.join(DELIVERY_TYPES)}")
-    if not NAME.match(pack_name):
-        raise ConversionError(f"--pack-name {pack_name!r}: use letters, digits and _ (starting with a letter)")
-    base, task = open_weights(model)
-    kind = "task" if task is not None else "weights"
-    if base.lora_rank is not None:
-        raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
+    if not NAME.fullmatch(pack_name):
+        raise ConversionError(f"--pack-name {pack_name!r}: {NAME_RULE}")
     names = [name for name, _ in loras]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConversionError(f"--lora names must be unique; repeated: {', '.join(duplicates)}")
+    base, task = open_weights(model, "MODEL")
+    kind = "task" if task is not None else "weights"
+    if base.lora_rank is not None:
+        raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
     adapters = [(name, path, check_adapter(base, model, name, path)) for name, path in loras]
+    named = [("MODEL", model)] + [("--lora", path) for _, path in loras]
+    for option, path in named:
+        check_file_name(path, option)
+    check_distinct(named, [MANIFEST] + ([f"{pack_name}.plist"] if platform == "ios" else []))
+    target = check_output_folder(output, named)
 
-    folder = output / pack_name if platform == "ios" else output / pack_name / "src" / "main" / "assets"
     files = [PackagedFile(model.name, model.stat().st_size, sha256(model), "model")]
     files += [PackagedFile(path.name, path.stat().st_size, sha256(path), "lora") for _, path, _ in adapters]
-    if len({f.name for f in files}) != len(files):
-        raise ConversionError("the model and LoRA files must have different file names")
-    for source in [model] + [path for _, path, _ in adapters]:
-        copy_file(source, folder / source.name)
-
     description = describe_weights(base)
     manifest = {
         "format_version": 1,
@@ -139,11 +144,17 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     if platform == "android":
         manifest["delivery"] = delivery
         manifest["sideload_paths"] = {f.name: f"{SIDELOAD_DIR}/{f.name}" for f in files}
-        write_android(output, pack_name, delivery, files)
-    else:
-        write_ios(folder, pack_name, manifest)
-    with atomic_output(folder / "manifest.json") as handle:
-        handle.write((json.dumps(manifest, indent=2) + "\n").encode())
+    manifest_text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    with staged_folder(target) as stage:
+        folder = stage / pack_name if platform == "ios" else stage / pack_name / "src" / "main" / "assets"
+        for source in [model] + [path for _, path, _ in adapters]:
+            copy_file(source, folder / source.name)
+        if platform == "android":
+            write_android(stage, pack_name, delivery, files)
+        else:
+            write_ios(folder, pack_name, manifest)
+        with atomic_output(folder / MANIFEST) as handle:
+            handle.write(manifest_text.encode())
     return PackageResult(output, files, size_warnings(platform, delivery, files))
 
 
@@ -156,9 +167,10 @@ def write_android(output: Path, pack_name: str, delivery: str, files: list[Packa
     with atomic_output(output / pack_name / "build.gradle") as handle:
         handle.write(gradle.encode())
     assets = f"{pack_name}/src/main/assets"
-    push = ["#!/bin/sh", "# Side-load for testing (MediaPipe's documented path); run from this folder.", "set -e",
-            f"adb shell mkdir -p {SIDELOAD_DIR}"]
-    push += [f"adb push '{assets}/{f.name}' '{SIDELOAD_DIR}/{f.name}'" for f in files]
+    push = ["#!/bin/sh", "# Side-load for testing (MediaPipe's documented path).", "set -e",
+            'cd -- "$(dirname -- "$0")"',
+            f"adb shell mkdir -p {shlex.quote(SIDELOAD_DIR)}"]
+    push += [f"adb push {shlex.quote(f'{assets}/{f.name}')} {shlex.quote(f'{SIDELOAD_DIR}/{f.name}')}" for f in files]
     with atomic_output(output / "adb_push.sh") as handle:
         handle.write(("\n".join(push) + "\n").encode())
     (output / "adb_push.sh").chmod(0o755)

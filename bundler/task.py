@@ -10,6 +10,7 @@ reproducible, and the model is streamed from disk instead of read into memory.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import zipfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import ConversionError
-from converter.files import atomic_output
+from converter.files import atomic_output, regular_file
 from converter.proto import llm_params_pb2
 from converter.tflite import WeightFile
 
@@ -28,6 +29,9 @@ ALIGNMENT = 4
 FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 ENTRY_MODE = 0o600 << 16  # what zipfile.writestr gives a file entry
 LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+LOCAL_SIGNATURE = b"PK\x03\x04"
+LITERTLM_MAGIC = b"LITERTLM"
+MAX_READ = 256 << 20  # entries read whole (tokenizer, METADATA); Gemma 3's tokenizer is 4.7 MB
 COPY_BLOCK = 16 << 20
 
 
@@ -89,54 +93,101 @@ class Entry:
     size: int
 
 
+def _entries(path: Path, archive: zipfile.ZipFile, handle, file_size: int) -> dict[str, Entry]:
+    """Each entry's data range, checked against its local header and the file: stored, not
+    encrypted, unique, inside the file and not overlapping another (a crafted zip is refused)."""
+    entries: dict[str, Entry] = {}
+    extents = []  # (local header offset, data end, name)
+    for info in archive.infolist():
+        where = f"{path}: entry {info.filename!r}"
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ConversionError(f"{where} is compressed; runtimes need stored entries")
+        if info.flag_bits & 1:
+            raise ConversionError(f"{where} is encrypted")
+        if info.filename in entries:
+            raise ConversionError(f"{where} appears twice")
+        handle.seek(info.header_offset)
+        header = handle.read(LOCAL_HEADER.size)
+        if len(header) < LOCAL_HEADER.size or header[:4] != LOCAL_SIGNATURE:
+            raise ConversionError(f"{where}: no local header at offset {info.header_offset}")
+        fields = LOCAL_HEADER.unpack(header)
+        name_length, extra_length = fields[-2], fields[-1]
+        if handle.read(name_length) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+            raise ConversionError(f"{where}: the local header names another entry")
+        offset = info.header_offset + LOCAL_HEADER.size + name_length + extra_length
+        if info.compress_size != info.file_size:
+            raise ConversionError(f"{where}: stored, yet its sizes differ ({info.compress_size:,} and "
+                                  f"{info.file_size:,} bytes)")
+        if offset + info.file_size > file_size:
+            raise ConversionError(f"{where}: {info.file_size:,} bytes at offset {offset:,} run past the end of the "
+                                  f"{file_size:,}-byte file")
+        entries[info.filename] = Entry(info.filename, offset, info.file_size)
+        extents.append((info.header_offset, offset + info.file_size, info.filename))
+    extents.sort()
+    for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
+        if start < end:
+            raise ConversionError(f"{path}: entries {first!r} and {second!r} overlap")
+    return entries
+
+
 class TaskFile:
     """Reads a .task bundle: its entries (with data offsets) and METADATA."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         try:
-            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as handle:
-                self.entries: dict[str, Entry] = {}
-                for info in archive.infolist():
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        raise ConversionError(f"{self.path}: entry {info.filename} is compressed; runtimes need stored entries")
-                    handle.seek(info.header_offset)
-                    fields = LOCAL_HEADER.unpack(handle.read(LOCAL_HEADER.size))
-                    name_length, extra_length = fields[-2], fields[-1]
-                    offset = info.header_offset + LOCAL_HEADER.size + name_length + extra_length
-                    self.entries[info.filename] = Entry(info.filename, offset, info.file_size)
-        except (zipfile.BadZipFile, OSError, struct.error) as exc:
+            with open(self.path, "rb") as handle:
+                file_size = os.fstat(handle.fileno()).st_size
+                with zipfile.ZipFile(handle) as archive:
+                    self.entries = _entries(self.path, archive, handle, file_size)
+        except (zipfile.BadZipFile, OSError, struct.error, ValueError, EOFError, NotImplementedError) as exc:
             raise ConversionError(f"{self.path}: not a readable .task bundle ({exc})") from None
         missing = [n for n in (MODEL_ENTRY, TOKENIZER_ENTRY, METADATA_ENTRY) if n not in self.entries]
         if missing:
             raise ConversionError(f"{self.path}: bundle lacks entr{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}")
 
     def read(self, name: str) -> bytes:
+        """A small entry's bytes (at most MAX_READ: the model entry is never read whole)."""
         entry = self.entries[name]
+        if entry.size > MAX_READ:
+            raise ConversionError(f"{self.path}: entry {name} holds {entry.size:,} bytes, more than the "
+                                  f"{MAX_READ >> 20} MiB read for it")
         with open(self.path, "rb") as handle:
             handle.seek(entry.offset)
-            return handle.read(entry.size)
+            data = handle.read(entry.size)
+        if len(data) != entry.size:
+            raise ConversionError(f"{self.path}: entry {name} ends early (the file shrank while being read)")
+        return data
 
     def metadata(self) -> llm_params_pb2.LlmParameters:
+        data = self.read(METADATA_ENTRY)
         try:
-            return llm_params_pb2.LlmParameters.FromString(self.read(METADATA_ENTRY))
+            return llm_params_pb2.LlmParameters.FromString(data)
         except Exception:  # protobuf's DecodeError and friends
-            raise ConversionError(f"{self.path}: METADATA is not a valid LlmParameters message") from None
+            raise ConversionError(f"{self.path}: entry {METADATA_ENTRY} is not a valid LlmParameters message") from None
 
 
-def is_task(path: Path) -> bool:
-    """A .task zip (MediaPipe's starts with 4 pad bytes, then PK) rather than a weights file."""
+def file_kind(path: Path) -> str:
+    """"task" for a .task zip (MediaPipe's starts with 4 pad bytes, then PK), "litertlm" for a
+    LiteRT-LM container, else "weights" (left to the weights reader's own checks)."""
     with open(path, "rb") as handle:
         head = handle.read(8)
-    return head[4:6] == b"PK" or head[:2] == b"PK"
+    if head[4:6] == b"PK" or head[:2] == b"PK":
+        return "task"
+    return "litertlm" if head == LITERTLM_MAGIC else "weights"
 
 
-def open_weights(path: Path) -> tuple[WeightFile, TaskFile | None]:
+def open_weights(path: Path, option: str | None = None) -> tuple[WeightFile, TaskFile | None]:
     """The weights of a .bin, or of a .task's model entry (with the bundle itself)."""
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
-    if not is_task(path):
+    regular_file(path, option)
+    kind = file_kind(path)
+    if kind == "litertlm":
+        raise ConversionError(f"{path} is a .litertlm bundle; this takes a .task bundle or a GPU weights .bin")
+    if kind == "weights":
         return WeightFile(path), None
     task = TaskFile(path)
     entry = task.entries[MODEL_ENTRY]
-    return WeightFile(path, entry.offset, entry.size), task
+    try:
+        return WeightFile(path, entry.offset, entry.size), task
+    except ConversionError as exc:
+        raise ConversionError(f"{exc} (in its entry {MODEL_ENTRY})") from None

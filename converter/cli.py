@@ -11,6 +11,8 @@ from .config import ConversionConfig
 from .convert import execute
 from .detect import infer_model_type, resolve_ckpt_format
 from .errors import ConversionError
+from .files import check_input
+from .supervisor import SupervisedCommand
 from .merge import MergedSource
 from .models import FAMILIES, model_type_names
 from .models.base import ModelFamily, ModelType
@@ -54,6 +56,9 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
     from .models import find_model_type
     from .plan import check_lora_supported, resolve_dims
 
+    check_input(adapter, "--check-adapter", folder=True)
+    if input_ckpt:
+        check_input(input_ckpt, "--input-ckpt", folder=True)
     family, kind = find_model_type(model_type)
     if merge_mode is None:
         check_lora_supported(family, kind)
@@ -125,7 +130,7 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
     return check_adapter
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-convert")
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=print_models,
               help="List the supported model types with their LoRA targets, quantizations and backends, and exit.")
@@ -186,6 +191,9 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
     except ConversionError as exc:
         fail(exc)
     try:
+        for line in plan.notes:  # the checkpoint's own special tokens
+            if not (quiet and line.startswith("note:")):
+                click.echo(line, err=True)
         for note in plan.adapter.notes if plan.adapter is not None else ():
             click.echo(f"warning: {note}", err=True)
         if plan.lora is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConversionError
+from .files import check_input
 
 CKPT_FORMATS = ("safetensors", "pytorch")
 BACKENDS = ("gpu", "cpu")
@@ -68,6 +69,10 @@ class ConversionConfig:
             raise ConversionError("--lora-output-tflite-file needs --lora-ckpt and --lora-rank")
         if not str(self.vocab_model_file):
             raise ConversionError("--vocab-model-file is required: the SentencePiece tokenizer.model of the base model")
+        for option, given in (("--input-ckpt", self.input_ckpt), ("--vocab-model-file", self.vocab_model_file),
+                              ("--lora-ckpt", self.lora_ckpt)):
+            if given is not None:
+                check_input(given, option, folder=True)
         if Path(self.output_dir).is_file():
             raise ConversionError(f"--output-dir {self.output_dir} is an existing file, expected a folder")
 

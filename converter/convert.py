@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-from . import quantize, tflite
+from . import files, quantize, tflite
+from .checkpoint import checkpoint_files
 from .config import ConversionConfig
 from .errors import ConversionError
 from .plan import QUANT_BITS, ConversionPlan, PlannedTensor, make_plan
@@ -74,6 +75,7 @@ def write_quantized(plan: ConversionPlan, item: PlannedTensor, writer: tflite.We
     _stream_tiled(plan, item, writer, name, bits / 8, encode, progress)
     writer.write(f"{name}_quantized_scale", scales.numpy())
     writer.write(f"{name}.sum_i", sums.numpy())
+    progress(scales.numel() * 4 + sums.numel() * 4)  # the plan counts them in the item's bytes
 
 
 def write_float_weights(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter,
@@ -148,25 +150,39 @@ def write_items(plan: ConversionPlan, items: list[PlannedTensor], writer: tflite
         WRITERS[item.encoding](plan, item, writer, progress)
 
 
+def input_paths(config: ConversionConfig) -> list[tuple[str, Path | None]]:
+    """Every file a conversion reads, by option: checkpoint files (each shard), its config.json, the
+    tokenizer (a folder's files), the adapter's files and its adapter_config.json."""
+    checkpoint = Path(config.input_ckpt)
+    inputs: list[tuple[str, Path | None]] = [("--input-ckpt", checkpoint)]
+    inputs += [("--input-ckpt", file) for file in checkpoint_files(checkpoint, config.ckpt_format)]
+    inputs += [("--input-ckpt", (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"),
+               ("--vocab-model-file", Path(config.vocab_model_file))]
+    if config.lora_ckpt is not None:
+        adapter = Path(config.lora_ckpt)
+        inputs += [("--lora-ckpt", adapter), ("--lora-ckpt", (adapter if adapter.is_dir() else adapter.parent)
+                                                / "adapter_config.json")]
+    return inputs
+
+
 def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> ConversionResult:
     """Write the base file and, when planned, the LoRA file; both appear only if both succeed."""
     config = plan.config
-    lora_path = config.lora_output_path
-    if plan.lora is not None and lora_path.resolve() == config.output_path.resolve():
-        raise ConversionError("--lora-output-tflite-file must differ from --output-tflite-file")
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    lora_path = config.lora_output_path if plan.lora is not None else None
+    outputs = [("--output-tflite-file", config.output_path)]
+    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
+    for option, path in outputs:
+        files.check_output(path, option)
+    files.refuse_overwrite(outputs, input_paths(config))
     base = file_writer(plan, plan.base, config.output_path, None)
     written = base.layout.file_size
-    try:
-        with base:
-            write_items(plan, plan.base, base, progress)
-            if plan.lora is not None:
-                lora = file_writer(plan, plan.lora, lora_path, config.lora_rank)
-                with lora:
-                    write_items(plan, plan.lora, lora, progress)
-                written += lora.layout.file_size
-    except OSError as exc:
-        raise ConversionError(f"writing {exc.filename or config.output_path}: {exc.strerror}") from None
+    with base:
+        write_items(plan, plan.base, base, progress)
+        if lora_path is not None:
+            lora = file_writer(plan, plan.lora, lora_path, config.lora_rank)
+            with lora:
+                write_items(plan, plan.lora, lora, progress)
+            written += lora.layout.file_size
     tensors = sum(len(i.outputs) for i in plan.base) + sum(len(i.outputs) for i in plan.lora or [])
     return ConversionResult(config.output_path, lora_path if plan.lora is not None else None, tensors, written)
 

@@ -1,12 +1,15 @@
 """The tensor plan: which input tensor becomes which output tensors, checked before writing.
 
-Planning reads only headers (and the small adapter), so every shape, name and option problem
-is reported before a single output byte is written; `--dry-run` prints the plan.
+Planning reads only headers (and the small adapter, and a Gemma `lm_head` to compare with the
+embedding), so every shape, name and option problem is reported before a single output byte is
+written; `--dry-run` prints the plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from . import tflite
 from .adapter import LoraAdapter, load_adapter
@@ -16,9 +19,10 @@ from .errors import ConversionError
 from .files import read_json_object
 from .merge import MergedSource
 from .models import find_model_type, lora_model_type_names
-from .tokenizer import load_tokenizer
-from .models.base import Dims, ModelFamily, ModelType, WeightRule, dims_from_config
+from .models.base import Dims, ModelFamily, ModelType, WeightRule, check_parameters, dims_from_config
+from .special_tokens import apply_special_tokens
 from .split import SplittingSource
+from .tokenizer import check_tokenizer_size, load_tokenizer
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 FLOAT_TYPES = {"fp16": tflite.FLOAT16, "fp32": tflite.FLOAT32}
@@ -55,6 +59,7 @@ class ConversionPlan:
     base: list[PlannedTensor]
     adapter: LoraAdapter | None = None
     lora: list[PlannedTensor] | None = None
+    notes: list[str] = field(default_factory=list)  # `note:`/`warning:` lines for the user (special tokens)
 
     def metadata(self, lora_rank: int | None = None) -> list[tuple[str, tflite.MetadataValue]]:
         items: list[tuple[str, tflite.MetadataValue]] = [
@@ -82,9 +87,13 @@ def quantized_outputs(name: str, rows: int, cols: int, bits: int, lookup_order: 
     return (weights, sums, scale) if lookup_order else (scale, weights, sums)
 
 
+def checkpoint_folder(checkpoint: Path) -> Path:
+    """The folder of the checkpoint's config.json, generation_config.json and tokenizer_config.json."""
+    return checkpoint if checkpoint.is_dir() else checkpoint.parent
+
+
 def _read_config(checkpoint: Path) -> tuple[dict | None, Path]:
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    path = folder / "config.json"
+    path = checkpoint_folder(checkpoint) / "config.json"
     if not path.is_file():
         return None, path
     return read_json_object(path), path
@@ -155,7 +164,8 @@ def plan_base(family: ModelFamily, dims: Dims, source: TensorSource, quantizatio
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConversionError(f"checkpoint is missing tensor(s) {shown} for a {dims.num_layers}-layer {family.name} model")
-    unknown = [available[key] for key in available if key in unused and key not in family.ignored]
+    copies = {name for name, _ in family.tied_copies}
+    unknown = [available[key] for key in available if key in unused and key not in copies]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ConversionError(f"checkpoint has tensor(s) that a {family.name} model does not: {shown}")
@@ -213,15 +223,33 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
     return plan
 
 
-def read_tokenizer(path: Path, vocab_size: int) -> bytes:
+def read_tokenizer(path: Path, family: ModelFamily, dims: Dims) -> bytes:
     """The SentencePiece model bytes, checked to load and to fit the model's vocabulary."""
     data, processor = load_tokenizer(path, "--vocab-model-file")
-    if processor.vocab_size() > vocab_size:
-        raise ConversionError(
-            f"--vocab-model-file {path}: tokenizer has {processor.vocab_size()} pieces but the model's "
-            f"vocabulary has {vocab_size} rows"
-        )
+    check_tokenizer_size(data, processor.vocab_size(), dims.vocab_size, family.untokenized_rows,
+                         f"--vocab-model-file {path}", "the model")
     return data
+
+
+def check_tied_copies(family: ModelFamily, source: TensorSource, block_rows: int = 4096) -> None:
+    """Refuse a checkpoint whose copy of a tied tensor (Gemma's lm_head) differs from the tensor it
+    must copy: the file has one tensor for both, so writing it would silently drop the other."""
+    available = {_strip_prefix(name, family): name for name in source.names()}
+    for copy_key, of_key in family.tied_copies:
+        copy, of = available.get(copy_key), available.get(of_key)
+        if copy is None or of is None:
+            continue
+        info, of_info = source.info(copy), source.info(of)
+        same = info.shape == of_info.shape and info.dtype == of_info.dtype
+        for start in range(0, info.shape[0] if same else 0, block_rows):
+            stop = min(start + block_rows, info.shape[0])
+            with source.rows(copy, start, stop) as a, source.rows(of, start, stop) as b:
+                same = torch.equal(a, b)
+            if not same:
+                break
+        if not same:
+            raise ConversionError(f"checkpoint tensor {copy} differs from {of}: {family.name}'s weights file has one "
+                                  f"tensor for both (tied embeddings), so an untied {copy_key} cannot be written")
 
 
 def check_lora_supported(family: ModelFamily, model_type: ModelType) -> None:
@@ -239,13 +267,17 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         raise ConversionError(f"--quantization {config.quantization} is not supported for {model_type.name}")
     checkpoint = Path(config.input_ckpt)
     dims, hf_config = resolve_dims(family, model_type, checkpoint)
-    parameters = family.parameters(dims, hf_config).SerializeToString()
-    tokenizer = read_tokenizer(Path(config.vocab_model_file), dims.vocab_size)
+    parameters = family.parameters(dims, hf_config)
     source = SplittingSource(open_checkpoint(checkpoint, config.ckpt_format))
     plan = None
     try:
+        tokenizer = read_tokenizer(Path(config.vocab_model_file), family, dims)
+        notes = apply_special_tokens(parameters, checkpoint_folder(checkpoint), hf_config, tokenizer, model_type.name)
+        check_parameters(parameters)
         base = plan_base(family, dims, source, config.quantization)
-        plan = ConversionPlan(config, family, model_type, dims, parameters, tokenizer, source, base)
+        check_tied_copies(family, source)
+        plan = ConversionPlan(config, family, model_type, dims, parameters.SerializeToString(), tokenizer, source,
+                              base, notes=notes)
         if config.lora_ckpt is not None and config.merge_lora:
             plan.adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                         config.merge_mode, hf_config)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from .checkpoint import TensorInfo, TensorSource
+from .errors import ConversionError
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class SplittingSource(TensorSource):
         """Register `source`'s part `part` of `parts` (in blocks of `block` rows); returns its name."""
         name = f"{source}[{part}:{parts}]"
         info = self.inner.info(source)
+        if block <= 0 or info.shape[0] % (parts * block):
+            raise ConversionError(f"tensor {source} has {info.shape[0]} rows, not groups of {parts} x {block} "
+                                  f"(parts x rows per head) to split; check the heads and head size in config.json")
         self.slices[name] = Slice(source, part, parts, block)
         self.infos[name] = TensorInfo(name, (info.shape[0] // parts, *info.shape[1:]), info.dtype, info.file)
         return name

@@ -18,6 +18,7 @@ temporary name and renames on success, so a failure never leaves a partial file.
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ FILE_ALIGNMENT = 65536
 # Runtimes map the first 1 MiB of a weights file; smaller files (tiny models, small LoRAs) fail
 # to load, so files are zero-padded to at least this size. Real models are far larger.
 MIN_FILE_SIZE = 1 << 20
+# Each tensor's shape is `[byte size]`, and TFLite shapes are int32: no tensor can be 2 GiB or more.
+MAX_TENSOR_BYTES = 2**31 - 1
 
 FLOAT32 = schema.TensorType.FLOAT32
 FLOAT16 = schema.TensorType.FLOAT16
@@ -62,6 +65,14 @@ class TensorSpec:
     name: str
     type: int
     nbytes: int
+
+    def __post_init__(self) -> None:
+        if self.nbytes > MAX_TENSOR_BYTES:
+            raise ConversionError(
+                f"output tensor {self.name} would hold {self.nbytes:,} bytes, but a weights file gives each tensor "
+                f"its byte size as an int32 TFLite shape (at most {MAX_TENSOR_BYTES:,}, 2 GiB): use a smaller "
+                f"--quantization (fp16, int8 or int4)"
+            )
 
 
 @dataclass(frozen=True)
@@ -202,12 +213,13 @@ class WeightFileWriter:
         self._fd: int | None = None
 
     def __enter__(self) -> "WeightFileWriter":
-        self._stack = ExitStack()
-        self._fd = self._stack.enter_context(atomic_output(self.path)).fileno()
-        os.ftruncate(self._fd, self.layout.file_size)
-        self._pwrite(self.layout.flatbuffer, 0)
-        for blob, offset in zip(self._blobs, self.layout.blob_offsets):
-            self._pwrite(blob, offset)
+        with ExitStack() as stack:  # a failure here (disk full) still removes the temporary file
+            self._fd = stack.enter_context(atomic_output(self.path)).fileno()
+            os.ftruncate(self._fd, self.layout.file_size)
+            self._pwrite(self.layout.flatbuffer, 0)
+            for blob, offset in zip(self._blobs, self.layout.blob_offsets):
+                self._pwrite(blob, offset)
+            self._stack = stack.pop_all()
         return self
 
     def _pwrite(self, data, offset: int) -> None:
@@ -242,6 +254,86 @@ class WeightFileWriter:
         self._stack.__exit__(exc_type, exc, tb)
 
 
+# Field numbers in the TFLite schema (schema.fbs) of what the reader needs; the writer uses the
+# generated builders, and the round-trip tests check both agree.
+MODEL_SUBGRAPHS, MODEL_BUFFERS, MODEL_METADATA = 2, 4, 6
+SUBGRAPH_TENSORS, SUBGRAPH_NAME = 0, 4
+TENSOR_TYPE, TENSOR_BUFFER, TENSOR_NAME = 1, 2, 3
+BUFFER_OFFSET, BUFFER_SIZE = 1, 2
+METADATA_NAME, METADATA_BUFFER = 0, 1
+MAX_ENTRIES = 1 << 20  # tensors, buffers or metadata in one file: real models have a few thousand
+MAX_NAME = 1 << 16
+MAX_METADATA = 256 << 20  # a blob (tokenizer, parameters) read into memory: real ones take a few MB
+
+
+class _FlatReader:
+    """Flatbuffer tables read with every position checked against the file's size, so a corrupt or
+    hostile file ends in one ConversionError, never an IndexError, a struct.error, a read of
+    another part of the file or a huge allocation (the flatbuffers package trusts every offset)."""
+
+    def __init__(self, data: np.ndarray, path: Path):
+        self.data, self.path = memoryview(data).cast("B"), path
+
+    def fail(self, what: str) -> ConversionError:
+        return ConversionError(f"{self.path}: corrupt TFLite weights file ({what})")
+
+    def number(self, fmt: str, position: int) -> int:
+        size = struct.calcsize(fmt)
+        if position < 0 or position + size > len(self.data):
+            raise self.fail(f"an offset points to byte {position}, outside its {len(self.data)} bytes")
+        return struct.unpack_from(fmt, self.data, position)[0]
+
+    def table(self, position: int) -> tuple[int, int, int]:
+        """A table at `position`: (position, its vtable's position, the vtable's size)."""
+        vtable = position - self.number("<i", position)
+        size = self.number("<H", vtable)
+        if size < 4 or size % 2:
+            raise self.fail(f"a table at byte {position} has a vtable of {size} bytes")
+        return position, vtable, size
+
+    def field(self, table: tuple[int, int, int], slot: int) -> int | None:
+        """The position of a table's field, or None when it is absent (its default)."""
+        position, vtable, size = table
+        entry = 4 + 2 * slot
+        offset = self.number("<H", vtable + entry) if entry + 2 <= size else 0
+        return position + offset if offset else None
+
+    def scalar(self, table: tuple[int, int, int], slot: int, fmt: str) -> int:
+        position = self.field(table, slot)
+        return 0 if position is None else self.number(fmt, position)
+
+    def target(self, table: tuple[int, int, int], slot: int) -> int | None:
+        """Where a table's offset field (a table, vector or string) points."""
+        position = self.field(table, slot)
+        return None if position is None else position + self.number("<I", position)
+
+    def tables(self, table: tuple[int, int, int], slot: int, what: str) -> list[tuple[int, int, int]]:
+        """A vector of tables, its length checked against the file and MAX_ENTRIES."""
+        start = self.target(table, slot)
+        if start is None:
+            return []
+        count = self.number("<I", start)
+        if count > MAX_ENTRIES or start + 4 + 4 * count > len(self.data):
+            raise self.fail(f"the {what} list claims {count} entries")
+        elements = (start + 4 + 4 * i for i in range(count))
+        return [self.table(element + self.number("<I", element)) for element in elements]
+
+    def string(self, table: tuple[int, int, int], slot: int, what: str) -> str:
+        start = self.target(table, slot)
+        if start is None:
+            return ""
+        length = self.number("<I", start)
+        if length > MAX_NAME or start + 4 + length > len(self.data):
+            raise self.fail(f"a {what} claims {length} bytes")
+        try:
+            text = bytes(self.data[start + 4: start + 4 + length]).decode()
+        except UnicodeDecodeError:
+            raise self.fail(f"a {what} is not UTF-8") from None
+        if not text.isprintable():  # names end up in one-line messages
+            raise self.fail(f"a {what} holds control characters")
+        return text
+
+
 class WeightFile:
     """Reads a GPU weights file (ours or MediaPipe's): tensors, metadata, raw bytes."""
 
@@ -255,35 +347,53 @@ class WeightFile:
             raise ConversionError(f"{self.path}: cannot read ({exc})") from None
         if len(self._data) < 8 or bytes(self._data[4:8]) != FILE_IDENTIFIER:
             raise ConversionError(f"{self.path}: not a TFLite weights file (no TFL3 identifier)")
-        try:
-            model = schema.Model.GetRootAs(self._data, 0)
-            buffers = [model.Buffers(i) for i in range(model.BuffersLength())]
-            # Bytes before the first data buffer: the flatbuffer plus its zero padding.
-            self.data_start = min((b.Offset() for b in buffers if b.Size()), default=len(self._data))
-            graph = model.Subgraphs(0)
-            self.subgraph_name = graph.Name().decode()
-            self.tensors: dict[str, TensorEntry] = {}
-            for i in range(graph.TensorsLength()):
-                tensor = graph.Tensors(i)
-                buffer = buffers[tensor.Buffer()]
-                name = tensor.Name().decode()
-                self.tensors[name] = TensorEntry(name, tensor.Type(), buffer.Offset(), buffer.Size())
-            self.metadata: dict[str, MetadataValue] = {}
-            for i in range(model.MetadataLength()):
-                item = model.Metadata(i)
-                key, index = item.Name().decode(), item.Buffer()
-                if key in (LLM_MODEL_TYPE, LORA_RANK):
-                    self.metadata[key] = index
-                else:
-                    buffer = buffers[index]
-                    if buffer.Offset() + buffer.Size() > len(self._data):
-                        raise ConversionError(f"{self.path}: metadata {key} lies beyond the end of the file (truncated?)")
-                    self.metadata[key] = bytes(self._data[buffer.Offset(): buffer.Offset() + buffer.Size()])
-        except (IndexError, AttributeError, UnicodeDecodeError, ValueError, TypeError) as exc:
-            raise ConversionError(f"{self.path}: corrupt TFLite weights file ({exc})") from None
-        for entry in self.tensors.values():
-            if entry.offset + entry.nbytes > len(self._data):
-                raise ConversionError(f"{self.path}: tensor {entry.name} lies beyond the end of the file (truncated?)")
+        reader = _FlatReader(self._data, self.path)
+        model = reader.table(reader.number("<I", 0))
+        buffers = [(reader.scalar(b, BUFFER_OFFSET, "<Q"), reader.scalar(b, BUFFER_SIZE, "<Q"))
+                   for b in reader.tables(model, MODEL_BUFFERS, "buffer")]
+        for buffer_offset, buffer_size in buffers:
+            if buffer_offset + buffer_size > len(self._data):
+                raise ConversionError(f"{self.path}: a buffer of {buffer_size} bytes at {buffer_offset} lies beyond "
+                                      f"the end of the file ({len(self._data)} bytes; truncated?)")
+        # Bytes before the first data buffer: the flatbuffer plus its zero padding.
+        self.data_start = min((o for o, n in buffers if n), default=len(self._data))
+        graphs = reader.tables(model, MODEL_SUBGRAPHS, "subgraph")
+        if not graphs:
+            raise reader.fail("no subgraph")
+        self.subgraph_name = reader.string(graphs[0], SUBGRAPH_NAME, "subgraph name")
+
+        def buffer(index: int, what: str) -> tuple[int, int]:
+            if index >= len(buffers):
+                raise reader.fail(f"{what} uses buffer {index} of {len(buffers)}")
+            return buffers[index]
+
+        self.tensors: dict[str, TensorEntry] = {}
+        for table in reader.tables(graphs[0], SUBGRAPH_TENSORS, "tensor"):
+            name = reader.string(table, TENSOR_NAME, "tensor name")
+            if name in self.tensors:
+                raise reader.fail(f"tensor {name} appears twice")
+            place = buffer(reader.scalar(table, TENSOR_BUFFER, "<I"), f"tensor {name}")
+            self.tensors[name] = TensorEntry(name, reader.scalar(table, TENSOR_TYPE, "<b"), *place)
+        self.metadata: dict[str, MetadataValue] = {}
+        for table in reader.tables(model, MODEL_METADATA, "metadata"):
+            key = reader.string(table, METADATA_NAME, "metadata name")
+            index = reader.scalar(table, METADATA_BUFFER, "<I")
+            if key in (LLM_MODEL_TYPE, LORA_RANK):
+                self.metadata[key] = index
+            else:
+                start, length = buffer(index, f"metadata {key}")
+                if length > MAX_METADATA:
+                    raise reader.fail(f"metadata {key} claims {length} bytes")
+                self.metadata[key] = bytes(self._data[start: start + length])
+
+    def entry(self, name: str) -> TensorEntry:
+        """A tensor by name; a ConversionError naming it when the file has none (e.g. its parameters
+        claim more layers than it holds)."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            raise ConversionError(f"{self.path}: no tensor {name} (its parameters need it: a truncated file, "
+                                  f"or one of another model?)")
+        return entry
 
     @property
     def parameters(self) -> llm_params_pb2.LlmParameters:
@@ -303,24 +413,36 @@ class WeightFile:
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of a tensor (read-only, memory-mapped)."""
-        entry = self.tensors[name]
+        entry = self.entry(name)
         return self._data[entry.offset: entry.offset + entry.nbytes]
 
     def matrix(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A stored `[rows, cols]` matrix as float32: int8/int4 dequantized with its scales, float
         (and fp16 LoRA, stored with the FLOAT32 type but 2 bytes per value) untiled."""
-        entry = self.tensors[name]
-        data = torch.from_numpy(np.array(self.raw(name)))
+        entry = self.entry(name)
+        if rows <= 0 or cols <= 0 or rows % quantize.TILE or cols % quantize.TILE:
+            raise ConversionError(f"{self.path}: tensor {name} cannot be a [{rows}, {cols}] matrix: the GPU layout "
+                                  f"tiles 4x4 (the file's parameters give these sizes)")
         if entry.type in (INT8, INT4):
-            scale = torch.from_numpy(np.array(self.raw(f"{name}_quantized_scale"))).view(torch.float32)
-            return quantize.dequantize_tiled(data, scale, 8 if entry.type == INT8 else 4, rows, cols)
+            bits = 8 if entry.type == INT8 else 4
+            scale = self.entry(f"{name}_quantized_scale")
+            if entry.nbytes * 8 != rows * cols * bits or scale.nbytes != rows * 4:
+                raise ConversionError(f"{self.path}: tensor {name} has {entry.nbytes} bytes and {scale.nbytes} "
+                                      f"bytes of scales, not an int{bits} [{rows}, {cols}] matrix")
+            data = torch.from_numpy(np.array(self.raw(name)))
+            scales = torch.from_numpy(np.array(self.raw(scale.name))).view(torch.float32)
+            return quantize.dequantize_tiled(data, scales, bits, rows, cols)
         itemsize = entry.nbytes // (rows * cols)
         if entry.nbytes != rows * cols * itemsize or itemsize not in (2, 4):
             raise ConversionError(f"{self.path}: tensor {name} has {entry.nbytes} bytes, not a [{rows}, {cols}] matrix")
-        values = data.view(torch.float16 if itemsize == 2 else torch.float32)
+        values = torch.from_numpy(np.array(self.raw(name))).view(torch.float16 if itemsize == 2 else torch.float32)
         return quantize.untile(values, rows, cols).to(torch.float32)
 
-    def vector(self, name: str) -> torch.Tensor:
-        """A raw float32 tensor (norm scales, biases)."""
+    def vector(self, name: str, size: int | None = None) -> torch.Tensor:
+        """A raw float32 tensor (norm scales, biases), checked to hold `size` values when given."""
+        nbytes = self.entry(name).nbytes
+        if nbytes % 4 or (size is not None and nbytes != size * 4):
+            raise ConversionError(f"{self.path}: tensor {name} has {nbytes} bytes, not "
+                                  f"{'whole' if size is None else size} float32 values")
         return torch.from_numpy(np.array(self.raw(name))).view(torch.float32)
 

@@ -9,13 +9,14 @@ import click
 from converter.errors import ConversionError
 from converter.runtime_options import DEFAULTS
 from converter.version import version_option
+from converter.supervisor import SupervisedCommand
 
 from .inputs import check_prompt, tolerant_stdout
 
 DIRECTORY = click.Path(path_type=Path)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
 @click.option("--lora", type=click.Path(path_type=Path), default=None, help="LoRA weights .bin (loraPath).")

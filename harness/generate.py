@@ -17,16 +17,16 @@ import torch
 
 from bundler.task import TOKENIZER_ENTRY, open_weights
 from converter.errors import ConversionError
+from converter.files import regular_file
 from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
-from converter.tokenizer import load_tokenizer
+from converter.tokenizer import check_tokenizer_size, load_tokenizer, parse_sentencepiece
 
-from .inputs import input_path
 from .linear import threads_for
 from .memory import available_bytes, generation_bytes, size_text
-from .reference import ReferenceModel, context_of
+from .reference import ReferenceModel, context_of, family_of
 
 
 @dataclass
@@ -52,18 +52,17 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
     """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle); a given
     tokenizer is a SentencePiece file or a Hugging Face tokenizer folder (converted as lora-convert does).
     With `options`, their --max-tokens is checked against the model's context before any weight is read."""
-    weights, task = open_weights(input_path(model_path, "--model"))
+    weights, task = open_weights(Path(model_path), "--model")
     if weights.lora_rank is not None:
         raise ConversionError(f"--model {model_path} is a LoRA weights file: give it as --lora, "
                               "with its base model as --model")
     if options is not None:
         check_context(options, context_of(weights))
-    lora = WeightFile(input_path(lora_path, "--lora")) if lora_path else None
-    given = load_tokenizer(input_path(tokenizer_path, "--tokenizer", folder=True), "--tokenizer")[0] \
-        if tokenizer_path else None
+    lora = WeightFile(regular_file(lora_path, "--lora")) if lora_path else None
+    given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
     if task is not None:
         blob = given or task.read(TOKENIZER_ENTRY)
-        tokenizer = sentencepiece_model(blob, f"{model_path}: its {TOKENIZER_ENTRY} entry")
+        tokenizer = parse_sentencepiece(blob, f"{model_path}: entry {TOKENIZER_ENTRY}")
         metadata = task.metadata()
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
@@ -71,27 +70,17 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
         blob = given or weights.metadata.get(SPM_VOCAB_MODEL)
         if not blob:
             raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
-        tokenizer = sentencepiece_model(blob, f"{model_path}: its embedded tokenizer")
+        tokenizer = parse_sentencepiece(blob, f"{model_path}: metadata {SPM_VOCAB_MODEL}")
         params = weights.parameters
         start_id = params.start_token_id if params.HasField("start_token_id") else tokenizer.piece_to_id(params.start_token)
         stops = list(params.stop_tokens)
     rows = weights.parameters.vocab_size
-    if tokenizer.get_piece_size() > rows:
-        raise ConversionError(f"the tokenizer has {tokenizer.get_piece_size()} pieces, more than the {rows} "
-                              f"embedding rows of {model_path}: it is not this model's tokenizer")
+    check_tokenizer_size(blob, tokenizer.get_piece_size(), rows, family_of(weights).untokenized_rows,
+                         f"--tokenizer {tokenizer_path}" if given else "the tokenizer", str(model_path))
     if not 0 <= start_id < rows:
         raise ConversionError(f"{model_path}: start token id {start_id} is not one of its {rows} embedding rows")
     return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops},
                        is_converted_hf_tokenizer(blob))
-
-
-def sentencepiece_model(blob: bytes, what: str) -> spm.SentencePieceProcessor:
-    tokenizer = spm.SentencePieceProcessor()
-    try:
-        tokenizer.LoadFromSerializedProto(blob)
-    except (RuntimeError, OSError, TypeError):
-        raise ConversionError(f"{what} is not a valid SentencePiece model") from None
-    return tokenizer
 
 
 def check_context(options: Options, context: int) -> None:

@@ -1,24 +1,11 @@
-"""Checks on what a user hands `lora-run` and `scripts/web_run.py`, made before anything is loaded,
-and text output that survives any terminal encoding."""
+"""Prompts `lora-run` and `scripts/web_run.py` take, checked before anything is loaded, and text
+output that survives any terminal encoding."""
 from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 from converter.errors import ConversionError
-
-
-def input_path(path: Path, option: str, folder: bool = False) -> Path:
-    """`path` if it is a regular file (or, with `folder`, a directory): a FIFO or a device would
-    block or never end when read."""
-    path = Path(path)
-    if path.is_file() or (folder and path.is_dir()):
-        return path
-    if not path.exists():
-        raise ConversionError(f"{option} {path}: file not found")
-    expected = "a regular file or a folder" if folder else "a regular file"
-    raise ConversionError(f"{option} {path}: not {expected}")
 
 
 def check_prompt(prompt: str, option: str = "--prompt") -> str:

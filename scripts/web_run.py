@@ -17,9 +17,10 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bundler.task import open_weights  # noqa: E402
 from converter.errors import ConversionError  # noqa: E402
+from converter.files import regular_file  # noqa: E402
 from converter.runtime_options import DEFAULTS, RuntimeOptions  # noqa: E402
 from converter.tflite import WeightFile  # noqa: E402
-from harness.inputs import check_prompt, input_path  # noqa: E402
+from harness.inputs import check_prompt  # noqa: E402
 from harness.web_runtime import Timeouts, WebRuntime, WebRuntimeError, chromium_version  # noqa: E402
 
 MAX_TIMEOUT = 86400  # seconds: a day per browser step is plenty, more is a typo
@@ -39,7 +40,7 @@ MAX_TIMEOUT = 86400  # seconds: a day per browser step is plenty, more is a typo
 def main(model, lora, lora_rank, prompt, max_tokens, top_k, temperature, random_seed, timeout) -> None:
     try:
         options = RuntimeOptions(max_tokens, top_k, temperature, random_seed)
-        ranks = checked_ranks(input_path(model, "--model"), lora and input_path(lora, "--lora"), lora_rank)
+        ranks = checked_ranks(regular_file(model, "--model"), lora and regular_file(lora, "--lora"), lora_rank)
         check_prompt(prompt)
         if not 0 < timeout <= MAX_TIMEOUT:  # NaN fails too
             raise ConversionError(f"--timeout {timeout}: expected seconds > 0, at most {MAX_TIMEOUT}")
@@ -68,7 +69,7 @@ def main(model, lora, lora_rank, prompt, max_tokens, top_k, temperature, random_
 def checked_ranks(model: Path, lora: Path | None, lora_rank: int | None) -> list[int] | None:
     """loraRanks for the runtime: --lora-rank, or the LoRA file's own rank; None without --lora.
     The files must be weights files (or a bundle) of the right kind."""
-    if open_weights(model)[0].lora_rank is not None:
+    if open_weights(model, "--model")[0].lora_rank is not None:
         raise ConversionError(f"--model {model} is a LoRA weights file: give it as --lora")
     if lora is None:
         if lora_rank is not None:

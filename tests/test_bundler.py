@@ -214,7 +214,7 @@ def test_android_package_with_two_adapters(converted, tmp_path):
     assert 'deliveryType = "fast-follow"' in gradle
     push = (out / "adb_push.sh").read_text()
     assert "adb shell mkdir -p /data/local/tmp/llm" in push
-    assert "adb push 'gemma/src/main/assets/adapter.bin' '/data/local/tmp/llm/adapter.bin'" in push
+    assert "adb push gemma/src/main/assets/adapter.bin /data/local/tmp/llm/adapter.bin" in push
     manifest = json.loads((assets / "manifest.json").read_text())
     assert [a["name"] for a in manifest["adapters"]] == ["support", "second"]
     assert manifest["model"]["model_type"] == "GEMMA_2B" and manifest["model"]["format"] == "task"

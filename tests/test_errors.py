@@ -125,7 +125,7 @@ CASES = {
     "bad config value": (config(hidden_size="64"), (), ["config.json", "hidden_size"]),
     "unsupported rope": (config(rope_parameters={"rope_theta": 500000.0}), (), ["rope_theta"]),
     "NaN weight": (nan_weight, (), ["model.layers.1.mlp.up_proj.weight", "NaN"]),
-    "missing tokenizer": (None, ("--vocab-model-file", "{tmp}/none.model"), ["none.model", "cannot read"]),
+    "missing tokenizer": (None, ("--vocab-model-file", "{tmp}/none.model"), ["none.model", "file not found"]),
     "invalid tokenizer": (write("bad.model", b"\x00\x01 not sentencepiece"), ("--vocab-model-file", "{ckpt}/bad.model"),
                           ["bad.model", "SentencePiece"]),
     "tokenizer folder without tokenizer.json": (None, ("--vocab-model-file", "{ckpt}"),

@@ -237,7 +237,7 @@ def test_folder_with_more_pieces_than_the_model_is_refused(tmp_path):
     out = tmp_path / "out"
     result = run_convert("--model-type", "PHI_2", "--input-ckpt", checkpoint, "--vocab-model-file", folder,
                          "--output-dir", out, "--output-tflite-file", out / "model.bin", "--quiet")
-    assert result.exit_code == 1 and f"{folder}: tokenizer has 323 pieces" in result.stderr, result.output
+    assert result.exit_code == 1 and f"--vocab-model-file {folder} has 323 pieces" in result.stderr, result.output
     assert not (out / "model.bin").exists()
 
 

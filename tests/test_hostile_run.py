@@ -204,7 +204,7 @@ def test_file_mixups_are_one_line(files, tmp_path):
         (["--model", text], f"error: {text}: not a TFLite weights file"),
         (["--model", noise], f"error: {noise}: not a TFLite weights file"),
         (["--model", no_weights], f"error: {no_weights}: bundle lacks entry {MODEL_ENTRY}"),
-        (["--model", tmp_path], f"error: --model {tmp_path}: not a regular file"),
+        (["--model", tmp_path], f"error: --model {tmp_path} is a folder; expected a regular file"),
         (["--model", tmp_path / "absent.bin"], f"error: --model {tmp_path / 'absent.bin'}: file not found"),
         (["--model", base, "--lora", tmp_path / "absent.bin"], f"error: --lora {tmp_path / 'absent.bin'}: file not found"),
         (["--model", base, "--lora", text], f"error: {text}: not a TFLite weights file"),
@@ -220,9 +220,10 @@ def test_fifos_and_devices_are_refused_without_hanging(files, tmp_path):
     with no_hang():
         for args, option in ((["--model", fifo], "--model"), (["--model", base, "--lora", fifo], "--lora"),
                              (["--model", "/dev/zero"], "--model")):
-            refused(run(*args, "--prompt", PROMPT), f"error: {option} {args[-1]}: not a regular file")
+            refused(run(*args, "--prompt", PROMPT), f"error: {option} {args[-1]} is a ")
+            assert "expected a regular file" in run(*args, "--prompt", PROMPT).stderr
         refused(run("--model", base, "--tokenizer", fifo, "--prompt", PROMPT),
-                f"error: --tokenizer {fifo}: not a regular file or a folder")
+                f"error: --tokenizer {fifo} is a FIFO (named pipe); expected a regular file")
 
 
 def test_an_adapter_for_another_model_is_one_line(files, tmp_path):
@@ -283,11 +284,11 @@ def test_corrupt_or_foreign_tokenizers_are_one_line(files, tmp_path):
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     cases = [
-        (["--model", embedded], f"error: {embedded}: its embedded tokenizer is not a valid SentencePiece model"),
-        (["--model", task], f"error: {task}: its {TOKENIZER_ENTRY} entry is not a valid SentencePiece model"),
+        (["--model", embedded], f"error: {embedded}: metadata {SPM_VOCAB_MODEL}: not a valid SentencePiece model"),
+        (["--model", task], f"error: {task}: entry {TOKENIZER_ENTRY}: not a valid SentencePiece model"),
         (["--model", base, "--tokenizer", text], f"error: --tokenizer {text}: not a valid SentencePiece model"),
         (["--model", base, "--tokenizer", empty], f"error: --tokenizer {empty}"),
-        (["--model", small], f"error: the tokenizer has 512 pieces, more than the 256 embedding rows of {small}"),
+        (["--model", small], f"error: the tokenizer has 512 pieces but {small} has a vocabulary of 256 embedding rows"),
     ]
     for args, message in cases:
         refused(run(*args, "--prompt", PROMPT), message)
@@ -346,7 +347,7 @@ def test_web_run_refuses_bad_arguments_before_starting_a_browser(files, tmp_path
         (["--model", base, "--lora-rank", 8], "error: --lora-rank goes with --lora"),
         (["--model", base, "--timeout", "nan"], "error: --timeout nan: expected seconds > 0"),
         (["--model", base, "--timeout", 0], "error: --timeout 0.0: expected seconds > 0"),
-        (["--model", fifo], f"error: --model {fifo}: not a regular file"),
+        (["--model", fifo], f"error: --model {fifo} is a FIFO (named pipe); expected a regular file"),
         (["--model", tmp_path / "absent.bin"], f"error: --model {tmp_path / 'absent.bin'}: file not found"),
     ]
     with no_hang():

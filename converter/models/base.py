@@ -6,8 +6,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
+from .values import integer, mapping, number
 
 
 class Role(enum.Enum):
@@ -129,6 +133,7 @@ class Architecture:
     position: str = "rope"  # "rope" (rotate-half rotary embedding) or "alibi" (linear biases, no rotary)
     rope_theta: float = 10000.0  # rotary base; of the local layers where LlmParameters sets a global one
     rotary_fraction: float = 1.0  # share of head_dim that is rotated (partial rotary: Phi-2 0.4, StableLM 0.25)
+    free_head_dim: bool = False  # head_dim may differ from hidden_size / heads (Gemma); else it must not
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,6 @@ class ModelFamily:
     tail: tuple[WeightRule, ...]
     lora: tuple[LoraRule, ...]
     required_lora: tuple[str, ...]
-    ignored: tuple[str, ...]
     parameters: Callable[[Dims, dict], llm_params_pb2.LlmParameters]
     quantizations: tuple[str, ...] = ("int8", "int4", "fp16", "fp32")
     backends: tuple[str, ...] = ("gpu",)
@@ -191,6 +195,9 @@ class ModelFamily:
     skipped: tuple[str, ...] = ()  # checkpoint names containing one of these are not part of the text model
     untokenized_rows: int = 0  # embedding rows no tokenizer piece names (Gemma 3's 64 image-token rows)
     text_config: Callable[[dict], dict] = dict  # the text model's settings out of config.json (nested, defaults)
+    # (name, of): a tensor the file has no place for, accepted only as an exact copy of `of`
+    # (Gemma's lm_head saved tied to the embedding); a different one is refused, never dropped.
+    tied_copies: tuple[tuple[str, str], ...] = ()
 
     def model_type(self, name: str) -> ModelType:
         return next(t for t in self.model_types if t.name == name)
@@ -218,24 +225,53 @@ DEFAULT_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_LAYERS = 4096  # real models have at most a few hundred
+MAX_SIZE = 2**24  # any width, head count or vocabulary (real ones are below 2**19)
+MAX_PARAMETERS = 2**40  # the weights a config may describe
+
+
 def dims_from_config(family: ModelFamily, config: dict, source: str) -> Dims:
-    """Read Dims from a config.json dict; kv heads default to heads, head_dim to hidden/heads."""
+    """Read Dims from a config.json dict (kv heads default to heads, head_dim to hidden/heads),
+    refusing values of the wrong type, absurd sizes and shapes the attention cannot have."""
     keys = {**DEFAULT_CONFIG_KEYS, **family.config_keys}
     config = family.text_config(config)
     values: dict[str, int] = {}
     for name, candidates in keys.items():
-        found = next((config[k] for k in candidates if config.get(k) is not None), None)
-        if found is not None:
-            if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
-                raise ConversionError(f"{source}: {candidates[0]} must be a positive integer, got {found!r}")
-            values[name] = found
+        key = next((k for k in candidates if config.get(k) is not None), None)
+        if key is not None:
+            high = MAX_LAYERS if name == "num_layers" else MAX_SIZE
+            values[name] = integer(config, key, high=high, source=source)
     values.setdefault("num_kv_heads", values.get("num_heads", 0))
-    if "head_dim" not in values and values.get("num_heads"):
+    derived_head_dim = "head_dim" not in values
+    if derived_head_dim and values.get("num_heads"):
         values["head_dim"] = values.get("hidden_size", 0) // values["num_heads"]
     missing = [keys[name][0] for f in fields(Dims) if (name := f.name) not in values]
     if missing:
         raise ConversionError(f"{source}: missing {', '.join(missing)}")
-    return Dims(**values)
+    dims = Dims(**values)
+    check_dims(family, dims, source, keys, derived_head_dim)
+    return dims
+
+
+def check_dims(family: ModelFamily, dims: Dims, source: str, keys: dict[str, tuple[str, ...]],
+               derived_head_dim: bool) -> None:
+    """Refuse sizes the attention cannot have or that describe an absurdly large model."""
+    heads, kv_heads = keys["num_heads"][0], keys["num_kv_heads"][0]
+    if dims.num_heads % dims.num_kv_heads:
+        raise ConversionError(f"{source}: {kv_heads} {dims.num_kv_heads} does not divide {heads} "
+                              f"{dims.num_heads} (each KV head serves a whole group of query heads)")
+    if (derived_head_dim or not family.architecture.free_head_dim) and dims.q_size != dims.hidden_size:
+        raise ConversionError(f"{source}: {keys['hidden_size'][0]} {dims.hidden_size} is not {heads} "
+                              f"{dims.num_heads} x head_dim {dims.head_dim}, as {family.name} requires")
+    rotary = int(dims.head_dim * family.architecture.rotary_fraction)
+    if family.architecture.position == "rope" and (rotary == 0 or rotary % 2):
+        raise ConversionError(f"{source}: head_dim {dims.head_dim} gives {rotary} rotary dimensions; "
+                              "rotary embeddings rotate pairs, so it must be even and positive")
+    layer = dims.hidden_size * dims.qkv_size + dims.q_size * dims.hidden_size + 3 * dims.hidden_size * dims.intermediate_size
+    total = 2 * dims.vocab_size * dims.hidden_size + dims.num_layers * layer
+    if total > MAX_PARAMETERS:
+        raise ConversionError(f"{source}: the sizes describe about {total:.2g} parameters ({dims.describe()}); "
+                              f"more than {MAX_PARAMETERS:.2g} is refused")
 
 
 def sized_parameters(dims: Dims, start_token_id: int, stop_tokens: list[str],
@@ -266,9 +302,25 @@ def kv_heads_field(dims: Dims) -> int:
 
 def rope_theta(config: dict) -> float:
     """The rotary base, from either transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
-    parameters = config.get("rope_parameters") or {}
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+    parameters = mapping(config, "rope_parameters")
+    found = parameters if "rope_theta" in parameters else config
+    return number(found, "rope_theta", 10000.0, above_low=True)
 
 
 def is_close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6)
+
+
+def check_parameters(params: Message, path: str = "LlmParameters") -> None:
+    """Refuse parameters holding a number that is not finite or is negative (as stored: a float32
+    field turns 1e39 into inf), so a NaN or a negative window is never written."""
+    stored = type(params).FromString(params.SerializeToString())
+    for descriptor, value in stored.ListFields():
+        items = value if descriptor.is_repeated else [value]
+        for item in items:
+            if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+                check_parameters(item, f"{path}.{descriptor.name}")
+            elif isinstance(item, (int, float)) and not isinstance(item, bool) and not (
+                    math.isfinite(item) and item >= 0):
+                raise ConversionError(f"config.json: the settings give {path}.{descriptor.name} the value {item}; "
+                                      "expected a finite number of at least 0")

@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 
 from ..errors import ConversionError
+from .values import mapping, shown
 
 
 def setting(config: dict, key: str, default):
     """A config value at the top level (transformers 4) or in `rope_parameters` (transformers 5)."""
     if config.get(key) is not None:
         return config[key]
-    return (config.get("rope_parameters") or {}).get(key, default)
+    return mapping(config, "rope_parameters").get(key, default)
 
 
 def require(config: dict, key: str, allowed: tuple, default) -> None:
@@ -19,7 +20,7 @@ def require(config: dict, key: str, allowed: tuple, default) -> None:
         return
     value = setting(config, key, default)
     if value not in allowed:
-        raise ConversionError(f"config.json: {key} {value!r} is not supported (the runtime uses {allowed[0]!r})")
+        raise ConversionError(f"config.json: {key} {shown(value)} is not supported (the runtime uses {allowed[0]!r})")
 
 
 def require_close(config: dict, key: str, expected: float, default: float | None = None) -> None:
@@ -28,4 +29,4 @@ def require_close(config: dict, key: str, expected: float, default: float | None
         return
     value = setting(config, key, expected if default is None else default)
     if not isinstance(value, (int, float)) or not math.isclose(value, expected, rel_tol=1e-6):
-        raise ConversionError(f"config.json: {key} {value!r} is not supported (the runtime uses {expected})")
+        raise ConversionError(f"config.json: {key} {shown(value)} is not supported (the runtime uses {expected})")

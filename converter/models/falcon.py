@@ -87,7 +87,6 @@ FAMILY = ModelFamily(
     ),
     lora=(),
     required_lora=(),
-    ignored=(),
     parameters=parameters,
     architecture=ARCHITECTURE,
     layer_prefix="transformer.h.{i}.",

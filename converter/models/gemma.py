@@ -12,13 +12,17 @@ from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
 from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, rope_theta,
                    sized_parameters)
+from .values import number, optional_number, text
 
 H = ("hidden_size",)
 GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-ARCHITECTURE = Architecture(norm_eps=1e-6, norm_offset=1.0, scale_embedding=True, gelu_approximate="tanh")
+ARCHITECTURE = Architecture(norm_eps=1e-6, norm_offset=1.0, scale_embedding=True, gelu_approximate="tanh",
+                            free_head_dim=True)
 
 EMBEDDING = WeightRule("model.embed_tokens.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING,
                        ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding")
+# The embedding is the output projection too; an lm_head saved beside it must be the same tensor.
+TIED_LM_HEAD = (("lm_head.weight", EMBEDDING.hf),)
 FINAL_NORM = WeightRule("model.norm.weight", "params.lm.final_ln.scale", Role.NORM, H, slot="final_norm")
 
 
@@ -59,11 +63,11 @@ REQUIRED_LORA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 
 def check_common(config: dict, theta: float | None = 10000.0) -> None:
     """Refuse settings the runtime cannot follow: another activation, norm epsilon or rotary base."""
-    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    activation = text(config, "hidden_activation", text(config, "hidden_act", "gelu_pytorch_tanh"))
     if activation not in GELU_NAMES:
         raise ConversionError(f"config.json: hidden_activation {activation!r} is not supported (expected a GELU)")
-    eps = config.get("rms_norm_eps", ARCHITECTURE.norm_eps)
-    if not is_close(float(eps), ARCHITECTURE.norm_eps):
+    eps = number(config, "rms_norm_eps", ARCHITECTURE.norm_eps, above_low=True)
+    if not is_close(eps, ARCHITECTURE.norm_eps):
         raise ConversionError(f"config.json: rms_norm_eps {eps} is not supported (runtime uses {ARCHITECTURE.norm_eps})")
     if theta is not None:
         if not is_close(rope_theta(config), theta):
@@ -74,16 +78,21 @@ def check_common(config: dict, theta: float | None = 10000.0) -> None:
 
 def attention_scale_type(dims: Dims, config: dict) -> int:
     """Gemma 2/3 scale queries by 1/sqrt(query_pre_attn_scalar): head_dim or hidden/heads."""
-    scalar = config.get("query_pre_attn_scalar", dims.head_dim)
+    scalar = number(config, "query_pre_attn_scalar", dims.head_dim, above_low=True)
     if scalar == dims.head_dim:
         return TP.SCALE_TYPE_INV_SQRT_HEAD_DIM
     if scalar * dims.num_heads == dims.hidden_size:
         return TP.SCALE_TYPE_INV_SQRT_D_MODEL_DIV_NUM_HEADS
     raise ConversionError(
-        f"config.json: query_pre_attn_scalar {scalar} is not supported: the runtime scales queries by "
+        f"config.json: query_pre_attn_scalar {scalar:g} is not supported: the runtime scales queries by "
         f"1/sqrt(head_dim={dims.head_dim}) or 1/sqrt(hidden_size/num_attention_heads="
         f"{dims.hidden_size / dims.num_heads:g})"
     )
+
+
+def soft_cap(config: dict, key: str, default: float | None) -> float:
+    """A tanh soft cap from config.json: absent means `default`, null means off (written as 0)."""
+    return optional_number(config, key, default, above_low=True) or 0.0
 
 
 def base_parameters(dims: Dims, *, post_norms: bool = False, attention_cap: float = 0.0, final_cap: float = 0.0,
@@ -126,7 +135,7 @@ FAMILY = ModelFamily(
     tail=(FINAL_NORM,),
     lora=LORA,
     required_lora=REQUIRED_LORA,
-    ignored=("lm_head.weight",),
+    tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
 )

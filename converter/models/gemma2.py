@@ -11,24 +11,19 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from .base import Dims, ModelFamily, ModelType
-from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, K, O, Q, V,
-                    attention_scale_type, base_parameters, check_common, norm)
+from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, TIED_LM_HEAD, K, O, Q,
+                    V, attention_scale_type, base_parameters, check_common, norm, soft_cap)
 
 # transformers' Gemma2Config defaults, for config.json files that leave them out.
 DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
-def cap(config: dict, key: str) -> float:
-    """A soft cap from config.json: absent means transformers' default, null means off."""
-    return float(config.get(key, DEFAULTS[key]) or 0.0)
-
-
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     """LlmParameters for a Gemma 2 checkpoint, matching MediaPipe's for GEMMA2_2B."""
     check_common(config)
-    return base_parameters(dims, post_norms=True, attention_cap=cap(config, "attn_logit_softcapping"),
-                           final_cap=cap(config, "final_logit_softcapping"),
-                           scale_type=attention_scale_type(dims, config))
+    caps = {key: soft_cap(config, key, default) for key, default in DEFAULTS.items()}
+    return base_parameters(dims, post_norms=True, attention_cap=caps["attn_logit_softcapping"],
+                           final_cap=caps["final_logit_softcapping"], scale_type=attention_scale_type(dims, config))
 
 
 POST_NORMS_LAYER = (
@@ -48,7 +43,7 @@ FAMILY = ModelFamily(
     tail=(FINAL_NORM,),
     lora=LORA,
     required_lora=REQUIRED_LORA,
-    ignored=("lm_head.weight",),
+    tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
 )

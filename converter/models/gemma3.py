@@ -15,9 +15,10 @@ from __future__ import annotations
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from .base import Dims, ModelFamily, ModelType, Role, WeightRule, is_close
-from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, LORA, REQUIRED_LORA, attention_scale_type, base_parameters,
-                    check_common)
+from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, LORA, REQUIRED_LORA, TIED_LM_HEAD, attention_scale_type,
+                    base_parameters, check_common, soft_cap)
 from .gemma2 import POST_NORMS_LAYER
+from .values import flag, integer, mapping, number, strings, text
 
 LOCAL_ROPE_THETA = ARCHITECTURE.rope_theta
 # transformers' Gemma3TextConfig defaults: older config.json files leave them out of `text_config`.
@@ -32,34 +33,35 @@ GEMMA3_1B = Dims(26, 1152, 6912, 4, 1, 256, 262144)
 
 def text_config(config: dict) -> dict:
     """The text model's settings: `text_config` of a multimodal config, with transformers' defaults."""
-    return {**DEFAULTS, **(config.get("text_config") or config)}
+    return {**DEFAULTS, **(mapping(config, "text_config") or config)}
 
 
 def rope_settings(config: dict) -> tuple[float, float, float]:
     """(local base, global base, global linear scaling) from transformers 5's per-layer-type
     `rope_parameters` or transformers 4's `rope_local_base_freq`, `rope_theta` and `rope_scaling`."""
-    per_type = config.get("rope_parameters") or {}
+    per_type = mapping(config, "rope_parameters")
     if "full_attention" in per_type:
-        local, full = per_type.get("sliding_attention") or {}, per_type["full_attention"]
+        local, full = mapping(per_type, "sliding_attention"), mapping(per_type, "full_attention")
     else:
-        local = {"rope_theta": config["rope_local_base_freq"]}
-        full = {**(config.get("rope_scaling") or {}), "rope_theta": config["rope_theta"]}
-    kinds = {name: settings.get("rope_type", settings.get("type", "default"))
+        local = {"rope_theta": config.get("rope_local_base_freq")}
+        full = {**mapping(config, "rope_scaling"), "rope_theta": config.get("rope_theta")}
+    kinds = {name: text(settings, "rope_type", text(settings, "type", "default"))
              for name, settings in (("sliding_attention", local), ("full_attention", full))}
     for name, allowed in (("sliding_attention", ("default",)), ("full_attention", ("default", "linear"))):
         if kinds[name] not in allowed:
             raise ConversionError(f"config.json: {name} rope_type {kinds[name]!r} is not supported "
                                   f"(runtime: {' or '.join(allowed)})")
-    scaling = float(full.get("factor", 1.0)) if kinds["full_attention"] == "linear" else 1.0
-    return (float(local.get("rope_theta", DEFAULTS["rope_local_base_freq"])),
-            float(full.get("rope_theta", DEFAULTS["rope_theta"])), scaling)
+    scaling = number(full, "factor", 1.0, above_low=True) if kinds["full_attention"] == "linear" else 1.0
+    return (number(local, "rope_theta", DEFAULTS["rope_local_base_freq"], above_low=True),
+            number(full, "rope_theta", DEFAULTS["rope_theta"], above_low=True), scaling)
 
 
 def local_layers_per_global(config: dict, num_layers: int) -> int:
     """n in the runtime's pattern of n sliding-window layers then one global layer, checked against
     `layer_types` (transformers 5) or taken from `sliding_window_pattern` (transformers 4)."""
-    pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
-    layer_types = config.get("layer_types")
+    key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if config.get(k) is not None), None)
+    pattern = integer(config, key) if key else DEFAULTS["sliding_window_pattern"]
+    layer_types = strings(config, "layer_types")
     if layer_types:
         globals_ = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
         pattern = globals_[0] + 1 if globals_ else num_layers + 1
@@ -69,27 +71,27 @@ def local_layers_per_global(config: dict, num_layers: int) -> int:
                 "config.json: layer_types must repeat n sliding_attention layers then one full_attention layer "
                 "(the runtime's num_local_layers_per_global)"
             )
-    return int(pattern) - 1
+    return pattern - 1
 
 
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     """LlmParameters for a Gemma 3 text model, as upstream MediaPipe's well_known_models.cc writes them."""
     config = text_config(config)
     check_common(config, theta=None)
-    if config.get("use_bidirectional_attention"):
+    if flag(config, "use_bidirectional_attention", False):
         raise ConversionError("config.json: use_bidirectional_attention is not supported (the runtime is causal)")
     local_theta, global_theta, global_scaling = rope_settings(config)
     if not is_close(local_theta, LOCAL_ROPE_THETA):
         raise ConversionError(f"config.json: sliding-window rope_theta {local_theta:g} is not supported "
                               f"(runtime uses {LOCAL_ROPE_THETA:g})")
     params = base_parameters(
-        dims, post_norms=True, attention_cap=float(config.get("attn_logit_softcapping") or 0.0),
-        final_cap=float(config.get("final_logit_softcapping") or 0.0), scale_type=attention_scale_type(dims, config),
+        dims, post_norms=True, attention_cap=soft_cap(config, "attn_logit_softcapping", None),
+        final_cap=soft_cap(config, "final_logit_softcapping", None), scale_type=attention_scale_type(dims, config),
         stop_tokens=("<eos>", "<end_of_turn>"),
     )
     t = params.transformer_parameters
     t.self_attention_parameters.qk_norm = True
-    t.self_attention_parameters.sliding_window_size = int(config["sliding_window"])
+    t.self_attention_parameters.sliding_window_size = integer(config, "sliding_window")
     t.num_local_layers_per_global = local_layers_per_global(config, dims.num_layers)
     t.global_rope_wavelength = global_theta
     if global_scaling != 1.0:
@@ -119,7 +121,7 @@ FAMILY = ModelFamily(
     tail=(FINAL_NORM,),
     lora=LORA,
     required_lora=REQUIRED_LORA,
-    ignored=("lm_head.weight",),
+    tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
     name_prefixes=("language_model.",),

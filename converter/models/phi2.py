@@ -6,11 +6,11 @@ MediaPipe names the matrices `<m>.linear.w` and the biases `<m>.bias.b`.
 """
 from __future__ import annotations
 
-from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
 from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, sized_parameters
 from .checks import require, require_close
+from .values import integer
 
 H = ("hidden_size",)
 PARTIAL_ROTARY_FACTOR = 0.4  # what the runtime applies for PHI_2 (not in LlmParameters)
@@ -29,9 +29,8 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     require(config, "qk_layernorm", (False,), False)
     require(config, "rope_scaling", (None,), None)
     require(config, "rope_type", ("default",), "default")
-    start = config.get("bos_token_id", START_TOKEN_ID)  # phi-2's is START_TOKEN_ID; tiny models have their own
-    if not isinstance(start, int) or not 0 <= start < dims.vocab_size:
-        raise ConversionError(f"config.json: bos_token_id {start!r} is not a token of the {dims.vocab_size}-token vocabulary")
+    # phi-2's is START_TOKEN_ID; tiny models have their own
+    start = integer(config, "bos_token_id", START_TOKEN_ID, low=0, high=dims.vocab_size - 1)
     params = sized_parameters(dims, start, ["<|endoftext|>"])
     t = params.transformer_parameters
     t.feed_forward_parameters.CopyFrom(TP.FeedForwardParameters(activation=TP.GELU, pre_norm=TP.NO_NORM,
@@ -88,7 +87,6 @@ FAMILY = ModelFamily(
                  swapped_in_mediapipe=True),
     ),
     required_lora=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
-    ignored=(),
     parameters=parameters,
     architecture=ARCHITECTURE,
     lora_float="fp32",  # MediaPipe's C++ step writes Phi-2's LoRA halves as float32 (Gemma's: fp16)

@@ -78,7 +78,6 @@ FAMILY = ModelFamily(
     ),
     lora=(),
     required_lora=(),
-    ignored=(),
     parameters=parameters,
     architecture=ARCHITECTURE,
 )
