@@ -12,20 +12,19 @@ as a LoRA file; everything else can only be merged into the base (converter/merg
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
+from .adapter_config import ADAPTER_CONFIG, AdapterConfig, read_adapter_config
 from .checkpoint import TensorSource, open_tensor_file
 from .errors import ConversionError
 from .files import read_json_object
 from .models.base import Dims, ModelFamily, Role, dims_from_config
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_FLAGS = "--merge-lora --merge-unsupported"
 MergeMode = Literal["lora", "all"]  # --merge-lora alone / with --merge-unsupported
@@ -33,12 +32,16 @@ MergeMode = Literal["lora", "all"]  # --merge-lora alone / with --merge-unsuppor
 KEY_KINDS = (
     ("A", re.compile(r"^(.+)\.lora_A\.weight$")),
     ("B", re.compile(r"^(.+)\.lora_B\.weight$")),
+    ("B_bias", re.compile(r"^(.+)\.lora_B\.bias$")),
     ("embedding_A", re.compile(r"^(.+)\.lora_embedding_A$")),
     ("embedding_B", re.compile(r"^(.+)\.lora_embedding_B$")),
     ("magnitude", re.compile(r"^(.+)\.lora_magnitude_vector(?:\.weight)?$")),
     ("base_layer", re.compile(r"^(.+)\.base_layer\.weight$")),
     ("full", re.compile(r"^(.+)\.weight$")),
+    ("base_layer_bias", re.compile(r"^(.+)\.base_layer\.bias$")),  # bias="lora_only" / "all"
+    ("full_bias", re.compile(r"^(.+)\.bias$")),  # modules_to_save of a module with a bias (Phi-2's lm_head)
 )
+BIAS_KINDS = ("base_layer_bias", "full_bias")
 LAYER_MODULE = re.compile(r"^layers\.(\d+)\.(.+)$")
 COMPARE_ROWS = 4096
 
@@ -81,17 +84,11 @@ class LoraAdapter:
     notes: tuple[str, ...] = ()  # warnings for the user (the base model's name differs)
 
 
-def pattern_value(pattern: dict, module_name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", module_name):
-            return value
-    return default
-
-
 def _plain(key: str) -> str:
-    """A key without PEFT's `base_model.model.` prefix and `.default` adapter name."""
-    return key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+    """A key without PEFT's `base_model.model.` prefix, `.default` adapter name and the
+    `.modules_to_save` wrapper older PEFT versions left in modules_to_save keys."""
+    key = key.removeprefix("base_model.model.").replace(".default.", ".").removesuffix(".default")
+    return key.replace(".modules_to_save.", ".")
 
 
 def canonical(name: str, family: ModelFamily | None = None) -> str:
@@ -119,10 +116,9 @@ def tied_output(family: ModelFamily) -> bool:
     return "lm_head.weight" not in {canonical(rule.hf) for rule in family.head + family.tail}
 
 
-def _adapter_files(path: Path) -> tuple[Path, dict | None]:
+def _adapter_files(path: Path) -> tuple[Path, AdapterConfig]:
     if path.is_dir():
-        config_file = path / ADAPTER_CONFIG
-        config = read_json_object(config_file) if config_file.is_file() else None
+        config = read_adapter_config(path / ADAPTER_CONFIG)
         for name in ADAPTER_FILES:
             if (path / name).is_file():
                 return path / name, config
@@ -130,8 +126,7 @@ def _adapter_files(path: Path) -> tuple[Path, dict | None]:
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt"):
             raise ConversionError(f"{path}: expected a .safetensors or .bin adapter file")
-        sibling = path.parent / ADAPTER_CONFIG
-        return path, read_json_object(sibling) if sibling.is_file() else None
+        return path, read_adapter_config(path.parent / ADAPTER_CONFIG)
     raise ConversionError(f"{path}: LoRA adapter not found")
 
 
@@ -146,7 +141,11 @@ def _group_keys(source: TensorSource, file: Path, family: ModelFamily) -> dict[s
         for kind, pattern in KEY_KINDS:
             match = pattern.match(_plain(key))
             if match:
-                modules.setdefault(canonical(match.group(1), family), {})[kind] = key
+                keys = modules.setdefault(canonical(match.group(1), family), {})
+                if kind in keys:
+                    raise ConversionError(f"{file}: {keys[kind]} and {key} are the same tensor under two names "
+                                          f"(PEFT would load only one of them); keep one")
+                keys[kind] = key
                 break
         else:
             unknown.append(key)
@@ -170,12 +169,11 @@ def _shown(names: list[str]) -> str:
 class _Reader:
     """Reads one adapter against one base: shapes, ranks and scales, one module at a time."""
 
-    def __init__(self, source: TensorSource, file: Path, config: dict, family: ModelFamily, dims: Dims,
+    def __init__(self, source: TensorSource, file: Path, config: AdapterConfig, family: ModelFamily, dims: Dims,
                  model_type: str):
         self.source, self.file, self.config = source, file, config
         self.family, self.dims, self.model_type = family, dims, model_type
         self.base = base_tensors(family, dims)
-        self.alpha = float(config.get("lora_alpha", config.get("r") or 0)) or None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.source.info(key).shape)
@@ -185,19 +183,19 @@ class _Reader:
 
     def rank_and_scale(self, module: str, peft_name: str, a_key: str) -> tuple[int, float]:
         rank = self.shape(a_key)[0]
-        config_rank = pattern_value(self.config.get("rank_pattern") or {}, peft_name, self.config.get("r"))
+        config_rank = self.config.rank(peft_name)
         if config_rank is not None and config_rank != rank:
-            raise self.fail(f"{where(module)}: adapter_config.json says r={config_rank} but the tensors have "
+            raise self.fail(f"{where(module)}: {ADAPTER_CONFIG} says r={config_rank} but the tensors have "
                             f"rank {rank}")
-        alpha = float(pattern_value(self.config.get("alpha_pattern") or {}, peft_name,
-                                    self.alpha if self.alpha is not None else rank))
-        return rank, alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+        return rank, self.config.scale(peft_name, rank)
 
     def check_halves(self, module: str, keys: dict[str, str], a: str, b: str) -> None:
         for half, other in ((a, b), (b, a)):
             if half not in keys:
                 raise self.fail(f"{where(module)}: lora_{half.removeprefix('embedding_')} is missing "
                                 f"(found only {keys[other]})")
+        if self.shape(keys[a])[:1] == (0,):
+            raise self.fail(f"{where(module)}: {keys[a]} has rank 0 (shape {list(self.shape(keys[a]))})")
 
     def linear(self, module: str, keys: dict[str, str], target_shape: tuple[int, ...]) -> None:
         """Check a linear LoRA's halves (and DoRA magnitude) against its base weight `[out, in]`."""
@@ -252,7 +250,28 @@ def _merges(reader: _Reader, modules: dict[str, dict[str, str]], dora: bool) -> 
     if tied_output(reader.family) and "lm_head" in modules:
         embedding = _embedding_target(reader.family).removesuffix(".weight")
         _check_tied_copy(reader, modules.pop("lm_head"), modules.get(embedding))
-    return [_module_merge(reader, module, keys, dora) for module, keys in sorted(modules.items())]
+    merges = []
+    for module, keys in sorted(modules.items()):
+        if "B_bias" in keys:
+            raise reader.fail(f"{keys['B_bias']}: lora_B has a bias (lora_bias), which the runtime's LoRA and this "
+                              f"converter's merge do not take")
+        weight = {kind: key for kind, key in keys.items() if kind not in BIAS_KINDS}
+        bias = {kind: key for kind, key in keys.items() if kind in BIAS_KINDS}
+        merges += [_module_merge(reader, module, weight, dora)] if weight else []
+        merges += [_bias_merge(reader, module, bias)] if bias else []
+    return merges
+
+
+def _bias_merge(reader: _Reader, module: str, keys: dict[str, str]) -> TensorMerge:
+    """A trained bias (modules_to_save, or PEFT's bias="all" / "lora_only") replacing `<module>.bias`."""
+    target = module + ".bias"
+    if len(keys) > 1:
+        raise reader.fail(f"{keys['base_layer_bias']} and {keys['full_bias']} both replace {target}")
+    key = next(iter(keys.values()))
+    if target not in reader.base:
+        raise reader.fail(f"{key}: {reader.model_type} has no {target} for it to replace")
+    reader.replacement(key, target)
+    return TensorMerge(target, "modules_to_save replacement", False, replacement=key)
 
 
 def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool) -> TensorMerge:
@@ -268,7 +287,7 @@ def _module_merge(reader: _Reader, module: str, keys: dict[str, str], dora: bool
         supported = ", ".join(r.hf_module for r in family.lora) or "none"
         raise reader.fail(f"{where(module)}: LoRA on {module} is not supported for {reader.model_type} "
                           f"(supported targets: {supported})")
-    if tied_output(family) and target == _embedding_target(family) and not reader.config.get("ensure_weight_tying"):
+    if tied_output(family) and target == _embedding_target(family) and not reader.config.ensure_weight_tying:
         raise reader.fail(
             f"{module}: {reader.model_type} uses one tensor for the embedding and the output layer, but PEFT "
             f"applies this adapter's {module} change to the input lookup only (ensure_weight_tying is not set), "
@@ -309,7 +328,7 @@ def _peft_name(key: str) -> str:
 def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str] | None) -> None:
     """lm_head parts on a tied model are exact only as PEFT's tied copies of the embedding's."""
     model_type = reader.model_type
-    if not reader.config.get("ensure_weight_tying") or embed is None:
+    if not reader.config.ensure_weight_tying or embed is None:
         raise reader.fail(f"{_shown(sorted(head.values()))}: {model_type} uses one tensor for the embedding and "
                           f"the output layer, so an adapter that changes lm_head alone cannot be applied or merged "
                           f"exactly")
@@ -322,8 +341,78 @@ def _check_tied_copy(reader: _Reader, head: dict[str, str], embed: dict[str, str
                               f"({model_type} uses one tensor for both), so it cannot be merged exactly")
     unknown = set(head) - {kind for kind, _, _ in copies}
     if unknown:
-        raise reader.fail(f"{', '.join(head[k] for k in sorted(unknown))}: lm_head DoRA cannot be merged on "
-                          f"{model_type}")
+        raise reader.fail(f"{', '.join(head[k] for k in sorted(unknown))}: cannot be merged on {model_type}, "
+                          f"whose output layer is the embedding")
+
+
+def _chunks(source: TensorSource, key: str) -> Iterator[torch.Tensor]:
+    """A tensor's values as float32, COMPARE_ROWS rows at a time (a vector in one piece)."""
+    shape = source.info(key).shape
+    rows = shape[0] if len(shape) > 1 else 1
+    for start in range(0, rows, COMPARE_ROWS):
+        with source.rows(key, start, min(start + COMPARE_ROWS, rows)) as chunk:
+            yield chunk.to(torch.float32)
+
+
+def _largest(source: TensorSource, key: str) -> float:
+    """The largest absolute value of an adapter tensor, refused by name when any is NaN or Inf."""
+    largest = 0.0
+    for chunk in _chunks(source, key):
+        if not bool(torch.isfinite(chunk).all()):
+            raise ConversionError(f"adapter tensor {key} has NaN or Inf values")
+        largest = max(largest, float(chunk.abs().max()) if chunk.numel() else 0.0)
+    return largest
+
+
+def _value_notes(reader: _Reader, merges: list[TensorMerge], merging: bool) -> tuple[str, ...]:
+    """Read every tensor the conversion will use, before anything is written: NaN/Inf anywhere, or a
+    scale that makes a stored value overflow, is refused; LoRA that changes nothing is a warning."""
+    stored = "fp32" if merging else reader.family.lora_float  # LoRA halves are stored in the family's width
+    limit = float(torch.finfo(torch.float16 if stored == "fp16" else torch.float32).max)
+    untrained = []
+    for merge in merges:
+        for key in (merge.magnitude, merge.replacement):
+            if key is not None:
+                _largest(reader.source, key)
+        if merge.a_key is None:
+            continue
+        largest_a, largest_b = _largest(reader.source, merge.a_key), _largest(reader.source, merge.b_key)
+        scaled = largest_b * abs(merge.scale)  # merging adds up to rank * |A| * |scale B| to a base value
+        checks = ((merge.b_key, scaled * largest_a * merge.rank),) if merging else \
+            ((merge.a_key, largest_a), (merge.b_key, scaled))
+        for key, value in checks:
+            if value > limit:
+                raise reader.fail(f"{key}: with the scale {merge.scale:.3g} (lora_alpha / r) values reach "
+                                  f"{value:.3g}, more than {stored} holds ({limit:.5g}); check lora_alpha in "
+                                  f"{ADAPTER_CONFIG}")
+        if largest_a * largest_b == 0:
+            untrained.append(where(merge.target.removesuffix(".weight")))
+    notes = []
+    if reader.config.zero_alphas:
+        notes.append(f"{reader.config.file}: {', '.join(reader.config.zero_alphas)} is 0, so PEFT's scale is 0 and "
+                     f"the modules it applies to change nothing")
+    lora = [m for m in merges if m.a_key is not None]
+    if untrained and len(untrained) == len(lora) and len(lora) == len(merges):
+        notes.append(f"{reader.file}: every LoRA module has an all-zero lora_A or lora_B, so this adapter "
+                     f"changes nothing; was it trained?")
+    elif untrained:
+        notes.append(f"{reader.file}: {len(untrained)} LoRA modules have an all-zero lora_A or lora_B and "
+                     f"change nothing: {_shown(untrained)}")
+    return tuple(notes)
+
+
+def _target_notes(config: AdapterConfig, family: ModelFamily, dims: Dims, model_type: str) -> tuple[str, ...]:
+    """A warning for `target_modules` names that match no module of the base (PEFT trained nothing there)."""
+    if not isinstance(config.target_modules, tuple):
+        return ()  # a regex, or none given
+    modules = {name.rsplit(".", 1)[0] for name in base_tensors(family, dims)} | {"lm_head"}
+    missing = [target for target in config.target_modules
+               if not any(module == canonical(target) or module.endswith("." + canonical(target))
+                          for module in modules)]
+    if not missing:
+        return ()
+    return (f"{config.file}: target_modules names {', '.join(missing)}, which {model_type} does not have "
+            f"(nothing was trained there)",)
 
 
 def _runtime_pairs(reader: _Reader, merges: list[TensorMerge]) -> list[LoraPair]:
@@ -339,16 +428,15 @@ def _runtime_pairs(reader: _Reader, merges: list[TensorMerge]) -> list[LoraPair]
     return pairs
 
 
-def base_model_notes(config: dict, config_file: Path, family: ModelFamily, dims: Dims,
+def base_model_notes(config: AdapterConfig, family: ModelFamily, dims: Dims,
                      base_config: dict | None) -> tuple[str, ...]:
     """Compare `base_model_name_or_path` with the base: a local folder whose config.json disagrees is
     refused; a differing name is only a note (hub ids and local paths legitimately differ)."""
-    name = config.get("base_model_name_or_path")
-    if not isinstance(name, str) or not name:
+    name, config_file = config.base_model, config.file
+    if name is None:
         return ()
-    folder = Path(name).expanduser()
-    their_config = folder / "config.json"
-    if their_config.is_file():
+    their_config = _local_config(name)
+    if their_config is not None:
         theirs = read_json_object(their_config)
         their_type = theirs.get("model_type")
         if their_type is not None and their_type not in family.hf_model_types:
@@ -366,6 +454,16 @@ def base_model_notes(config: dict, config_file: Path, family: ModelFamily, dims:
     return ()
 
 
+def _local_config(name: str) -> Path | None:
+    """`<name>/config.json` when `name` is a folder here that has one; None for hub ids and for names
+    no path can have (`~nosuchuser`, NUL bytes, too long)."""
+    try:
+        their_config = Path(name).expanduser() / "config.json"
+        return their_config if their_config.is_file() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def _short(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
@@ -380,17 +478,13 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
     """
     path = Path(path)
     file, config = _adapter_files(path)
-    config_file = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-    config = config or {}
-    dora = bool(config.get("use_dora"))
-    if dora and merge != "all":
+    if config.use_dora and merge != "all":
         raise ConversionError(f"{path}: DoRA adapters (use_dora) cannot run as LoRA on the runtime; merge it into "
                               f"the base weights with {MERGE_FLAGS}")
-    adapter_type = config.get("model_type")  # Workers-AI style configs name the base architecture
-    if adapter_type is not None and adapter_type not in family.hf_model_types:
-        raise ConversionError(f"{path}: adapter_config.json says model_type {adapter_type!r}, but {model_type} is "
-                              f"{' or '.join(repr(t) for t in family.hf_model_types)}")
-    notes = base_model_notes(config, config_file, family, dims, base_config)
+    if config.model_type is not None and config.model_type not in family.hf_model_types:
+        raise ConversionError(f"{path}: {ADAPTER_CONFIG} says model_type {config.model_type!r}, but {model_type} "
+                              f"is {' or '.join(repr(t) for t in family.hf_model_types)}")
+    notes = base_model_notes(config, family, dims, base_config) + _target_notes(config, family, dims, model_type)
     if max_adapter_mb is not None and file.stat().st_size > max_adapter_mb * 2**20:
         raise ConversionError(f"{file}: {file.stat().st_size / 2**20:.1f} MB is above --max-adapter-mb {max_adapter_mb}")
     source = open_tensor_file(file)
@@ -400,7 +494,7 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
         if outside:
             notes = (*notes, f"{file}: {len(outside)} tensors outside the text model are not converted "
                              f"(the runtime has no such part): {_shown(outside)}")
-        merges = _merges(reader, _group_keys(source, file, family), dora)
+        merges = _merges(reader, _group_keys(source, file, family), config.use_dora)
         rank = max((m.rank for m in merges), default=0)
         if merge is not None:
             refused = [m for m in merges if not m.runtime_lora] if merge == "lora" else []
@@ -408,8 +502,10 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
                 module = refused[0].target.removesuffix(".weight")
                 raise reader.fail(f"{where(module)}: the {model_type} runtime cannot apply this "
                                   f"{refused[0].what}, so --merge-lora alone does not merge it; use {MERGE_FLAGS}")
+            notes += _value_notes(reader, merges, merging=True)
             return LoraAdapter(source, path, rank, (), tuple(merges), notes)
         pairs = _runtime_pairs(reader, merges)
+        notes += _value_notes(reader, merges, merging=False)
         present = {(p.layer, p.module) for p in pairs}
         pairs += [LoraPair(layer, module, None, None, rank, 0.0) for layer in range(dims.num_layers)
                   for module in family.required_lora if (layer, module) not in present]

@@ -270,9 +270,12 @@ TRAINING_STATE = re.compile(r"^(training_args\.bin|(optimizer|scheduler|sampler)
 LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)(\.|$)")
 
 
+SUFFIXES = {"safetensors": (".safetensors",), "pytorch": (".bin", ".pt", ".pth")}
+
+
 def checkpoint_files(path: str | Path, ckpt_format: str) -> list[Path]:
     """The files of a checkpoint given as a file, a folder (index or all weight files) or a glob."""
-    suffixes = (".safetensors",) if ckpt_format == "safetensors" else (".bin", ".pt", ".pth")
+    suffixes = SUFFIXES[ckpt_format]
     index_name = SAFETENSORS_INDEX if ckpt_format == "safetensors" else PYTORCH_INDEX
     path = Path(path)
     if path.is_dir():

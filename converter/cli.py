@@ -54,7 +54,7 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
 
     from .adapter import load_adapter
     from .models import find_model_type
-    from .plan import check_lora_supported, resolve_dims
+    from .plan import check_lora_supported, resolve_dims, runtime_rank
 
     check_input(adapter, "--check-adapter", folder=True)
     if input_ckpt:
@@ -74,7 +74,8 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
             how = f"rank {merge.rank}, scale {merge.scale:g}" if merge.a_key else "whole tensor"
             click.echo(f"{merge.target:40} <- {merge.what} ({how})")
         return
-    click.echo(f"{adapter}: rank {loaded.rank}, {len(loaded.pairs)} LoRA modules for {kind.name} ({dims.describe()})")
+    click.echo(f"{adapter}: rank {loaded.rank} (LoRA file rank {runtime_rank(loaded.rank)} unless --lora-rank says "
+               f"otherwise), {len(loaded.pairs)} LoRA modules for {kind.name} ({dims.describe()})")
     for pair in loaded.pairs:
         rule = family.lora_rule(pair.module)
         prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
@@ -147,7 +148,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
               help="Tokenizer of the base model: SentencePiece tokenizer.model or a Hugging Face tokenizer folder.")
 @click.option("--lora-ckpt", default=None,
               help="LoRA adapter: PEFT folder, .safetensors/.bin file or Hugging Face hub id OWNER/NAME[@REVISION].")
-@click.option("--lora-rank", type=int, default=None, help="Rank the runtime is told (>= the adapter's rank).")
+@click.option("--lora-rank", type=int, default=None,
+              help="Rank the runtime is told: a multiple of 4, at least the adapter's rank [default: the adapter's "
+                   "rank rounded up to a multiple of 4].")
 @click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
 @click.option("--quantization", type=click.Choice(options.QUANTIZATIONS), default="int8", show_default=True,
               help="Encoding of the base weight matrices.")
@@ -196,9 +199,14 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
                 click.echo(line, err=True)
         for note in plan.adapter.notes if plan.adapter is not None else ():
             click.echo(f"warning: {note}", err=True)
-        if plan.lora is not None and plan.config.lora_rank > plan.adapter.rank and not quiet:
-            click.echo(f"note: zero-padding the rank-{plan.adapter.rank} adapter to rank {plan.config.lora_rank}",
-                       err=True)
+        if plan.lora is not None and not quiet:
+            default = kwargs["lora_rank"] is None
+            if plan.config.lora_rank > plan.adapter.rank:
+                why = " (--lora-rank not given: the adapter's rank rounded up to a multiple of 4)" if default else ""
+                click.echo(f"note: zero-padding the rank-{plan.adapter.rank} adapter to rank "
+                           f"{plan.config.lora_rank}{why}", err=True)
+            elif default:
+                click.echo(f"note: --lora-rank not given, using the adapter's rank {plan.config.lora_rank}", err=True)
         if dry_run:
             print_plan(plan)
             return

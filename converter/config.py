@@ -61,12 +61,12 @@ class ConversionConfig:
         if self.lora_scaling is not None and self.lora_scaling not in LORA_SCALINGS:
             raise ConversionError(f"--lora-scaling {self.lora_scaling!r}: expected one of {', '.join(LORA_SCALINGS)}")
         self._check_merge_options()
-        if not self.merge_lora and (self.lora_ckpt is None) != (self.lora_rank is None):
-            raise ConversionError("--lora-ckpt and --lora-rank must be given together")
+        if self.lora_rank is not None and self.lora_ckpt is None:
+            raise ConversionError("--lora-rank needs --lora-ckpt (the adapter)")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise ConversionError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
         if self.lora_output_tflite_file is not None and self.lora_ckpt is None:
-            raise ConversionError("--lora-output-tflite-file needs --lora-ckpt and --lora-rank")
+            raise ConversionError("--lora-output-tflite-file needs --lora-ckpt")
         if not str(self.vocab_model_file):
             raise ConversionError("--vocab-model-file is required: the SentencePiece tokenizer.model of the base model")
         for option, given in (("--input-ckpt", self.input_ckpt), ("--vocab-model-file", self.vocab_model_file),

@@ -5,15 +5,14 @@ import glob
 from dataclasses import replace
 from pathlib import Path
 
+from .checkpoint import SUFFIXES, TRAINING_STATE
 from .config import CKPT_FORMATS
 from .errors import ConversionError
 from .files import read_json_object
 from .models import FAMILIES
 from .models.base import dims_from_config
 
-SUFFIXES = {"safetensors": (".safetensors",), "pytorch": (".bin", ".pt", ".pth")}
 INDEX_SUFFIXES = {"safetensors": ".safetensors.index.json", "pytorch": ".bin.index.json"}
-NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")  # a Trainer's files
 
 
 def _format_of(file: Path) -> str | None:
@@ -27,7 +26,7 @@ def formats_present(path: str | Path) -> list[str]:
     """The checkpoint formats whose files `path` (a file, a folder or a glob) holds, safetensors first."""
     path = Path(path)
     if path.is_dir():
-        files = [p for p in path.iterdir() if "adapter" not in p.name and not p.name.startswith(NOT_WEIGHTS)]
+        files = [p for p in path.iterdir() if "adapter" not in p.name and not TRAINING_STATE.match(p.name)]
     elif path.exists():
         files = [path]
     else:

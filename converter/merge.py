@@ -4,7 +4,8 @@ What PEFT's `merge_and_unload` computes, in float32, for the rows the conversion
 `W' = W + scale * B @ A` (embedding LoRA: `W + scale * (B @ A).T`, rows of the vocabulary);
 a `modules_to_save` tensor replaces W; DoRA then rescales every output row to its magnitude,
 `W'' = m / ||W'||_row * W'` (PEFT's weight norm of a `[out, in]` linear is over `in`, per output
-row, so each row chunk is complete in itself). Only the small LoRA factors of the tensor being
+row, so each row chunk is complete in itself). The adapter's values were checked finite when it
+was loaded (converter/adapter.py). Only the small LoRA factors of the tensor being
 read are held, so memory stays flat however big the model is.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from .adapter import TensorMerge, canonical
 from .checkpoint import TensorSource
-from .errors import ConversionError
 from .models.base import ModelFamily
 
 
@@ -34,7 +34,7 @@ class MergedSource(TensorSource):
     def _read(self, key: str) -> torch.Tensor:
         shape = self.adapter.info(key).shape
         with self.adapter.rows(key, 0, shape[0] if len(shape) > 1 else 1) as values:
-            return _finite(key, values.to(torch.float32, copy=True))
+            return values.to(torch.float32, copy=True)
 
     def factors(self, name: str, merge: TensorMerge) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`(left, right, magnitude)` with `delta[rows] = left[rows] @ right`, scale folded into left;
@@ -56,8 +56,6 @@ class MergedSource(TensorSource):
         source, key = (self.adapter, merge.replacement) if merge.replacement else (self.base, name)
         with source.rows(key, start, stop) as chunk:
             values = chunk.to(torch.float32, copy=True)
-        if merge.replacement:
-            _finite(key, values)
         if merge.a_key is not None:
             left, right, magnitude = self.factors(name, merge)
             values += left[start:stop] @ right
@@ -67,10 +65,3 @@ class MergedSource(TensorSource):
 
     def close(self) -> None:
         self.base.close()
-
-
-def _finite(key: str, values: torch.Tensor) -> torch.Tensor:
-    """Adapter values, refused by their own name when NaN or Inf (before they reach a base tensor)."""
-    if not bool(torch.isfinite(values).all()):
-        raise ConversionError(f"adapter tensor {key} has NaN or Inf values")
-    return values

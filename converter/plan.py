@@ -6,7 +6,7 @@ written; `--dry-run` prints the plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from .tokenizer import check_tokenizer_size, load_tokenizer
 QUANT_BITS = {"int8": 8, "int4": 4}
 FLOAT_TYPES = {"fp16": tflite.FLOAT16, "fp32": tflite.FLOAT32}
 LORA_FLOAT_BYTES = {"fp16": 2, "fp32": 4}  # LoRA halves are typed FLOAT32 whatever their width
+LORA_RANK_STEP = 4  # LoRA halves are tiled 4x4, so the rank is a multiple of 4
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,27 @@ def check_tied_copies(family: ModelFamily, source: TensorSource, block_rows: int
                                   f"tensor for both (tied embeddings), so an untied {copy_key} cannot be written")
 
 
+def runtime_rank(rank: int) -> int:
+    """The smallest rank the GPU runtime takes that holds `rank` (a multiple of 4: halves tile 4x4)."""
+    return -(-rank // LORA_RANK_STEP) * LORA_RANK_STEP
+
+
+def lora_rank(config: ConversionConfig, adapter_rank: int) -> int:
+    """The rank the LoRA file is written with: --lora-rank, or by default the adapter's rank rounded
+    up to what the runtime takes (smaller ranks are zero-padded exactly)."""
+    rank = config.lora_rank if config.lora_rank is not None else runtime_rank(adapter_rank)
+    if rank < adapter_rank:
+        raise ConversionError(f"--lora-rank {rank} is below the adapter's rank {adapter_rank} ({config.lora_ckpt}); "
+                              f"use {runtime_rank(adapter_rank)} or leave --lora-rank out")
+    if rank % LORA_RANK_STEP:
+        raise ConversionError(f"--lora-rank {rank}: the GPU runtime takes ranks in multiples of {LORA_RANK_STEP} "
+                              f"(smaller adapters are zero-padded exactly); use {runtime_rank(rank)}")
+    if rank > config.max_rank:
+        raise ConversionError(f"--lora-rank {rank} is above --max-rank {config.max_rank}"
+                              + ("" if config.lora_rank is not None else f" (the adapter's rank is {adapter_rank})"))
+    return rank
+
+
 def check_lora_supported(family: ModelFamily, model_type: ModelType) -> None:
     """Refuse a LoRA file for a model type whose runtime takes none (merging is the way there)."""
     if not family.lora or not model_type.lora:
@@ -288,12 +310,7 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                    base_config=hf_config)
             plan.adapter = adapter
-            if config.lora_rank < adapter.rank:
-                raise ConversionError(
-                    f"--lora-rank {config.lora_rank} does not match the adapter's rank {adapter.rank} ({config.lora_ckpt})"
-                )
-            if config.lora_rank > config.max_rank:
-                raise ConversionError(f"--lora-rank {config.lora_rank} is above --max-rank {config.max_rank}")
+            plan.config = config = replace(config, lora_rank=lora_rank(config, adapter.rank))
             plan.lora = plan_lora(family, dims, adapter, config.lora_rank, config.mediapipe_compat,
                                   config.effective_lora_scaling == "peft")
     except BaseException:

@@ -142,5 +142,5 @@ def test_rank_pattern_pads_smaller_modules_exactly(tmp_path):
     _, lora = our_logits(tmp_path, adapter)
     left = lora.matrix("params.lm.transformer.x_layers_1.self_attention.q.w_prime_left", 8, 64)
     assert left[:4].any() and not left[4:].any()
-    with pytest.raises(ConversionError, match="does not match the adapter's rank 8"):
+    with pytest.raises(ConversionError, match="is below the adapter's rank 8"):
         our_logits(tmp_path / "low", adapter, rank=4)
