@@ -160,7 +160,7 @@ class QuantizedLinear:
 def load_linear(weights: WeightFile, name: str, out_features: int, in_features: int, lookup: bool = False) -> Linear:
     """The `[out_features, in_features]` matrix `name` of a weights file, kept as stored; `lookup`
     if its rows are also looked up (an embedding)."""
-    entry = weights.tensors[name]
+    entry = weights.entry(name)
     if entry.type not in (INT8, INT4):
         itemsize = {FLOAT32: 4, FLOAT16: 2}.get(entry.type)
         if itemsize is None or entry.nbytes != out_features * in_features * itemsize:

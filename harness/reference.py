@@ -25,7 +25,7 @@ from converter.models.base import Architecture, Dims, ModelFamily, WeightRule
 from converter.proto import llm_params_pb2
 from converter.proto.transformer_params_pb2 import TransformerParameters as TP
 from converter.plan import LORA_FLOAT_BYTES
-from converter.tflite import FLOAT32, WeightFile
+from converter.tflite import WeightFile
 
 from .linear import Linear, load_linear
 
@@ -83,17 +83,10 @@ def context_of(weights: WeightFile) -> int:
 def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> Linear | torch.Tensor:
     """A matrix kept as stored (quantized roles) or a raw float32 vector (norm scales, biases), of
     the size the parameters give it."""
-    if name not in base.tensors:
-        raise ConversionError(f"{base.path}: no tensor {name}, which LlmParameters ({dims.num_layers} layers) "
-                              "and the model type call for")
     shape = rule.output_shape(dims)
     if rule.role.quantized:
         return load_linear(base, name, *shape, lookup=rule.slot == "embedding")
-    entry = base.tensors[name]
-    if entry.type != FLOAT32 or entry.nbytes != 4 * math.prod(shape):
-        raise ConversionError(f"{base.path}: tensor {name} has {entry.nbytes} bytes of type {entry.type}, "
-                              f"not {math.prod(shape)} float32 values")
-    return base.vector(name)
+    return base.vector(name, math.prod(shape))
 
 
 def slot_of(rule: WeightRule) -> str:
