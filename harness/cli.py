@@ -11,6 +11,8 @@ from converter.runtime_options import DEFAULTS
 from converter.version import version_option
 from converter.supervisor import SupervisedCommand
 
+from .inputs import check_prompt, tolerant_stdout
+
 DIRECTORY = click.Path(path_type=Path)
 
 
@@ -21,7 +23,7 @@ DIRECTORY = click.Path(path_type=Path)
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="SentencePiece model or Hugging Face tokenizer folder [default: the one in the model file].")
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True, help="KV-cache size: prompt + output tokens.")
+@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True, help="KV-cache size: prompt + output tokens, at most the model's context.")
 @click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
 @click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="0: greedy.")
 @click.option("--random-seed", default=DEFAULTS.random_seed, show_default=True)
@@ -37,15 +39,17 @@ def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_
     """Stream a generation to stdout and report tokens/s on stderr (or, with --compare, a layer-by-layer diff)."""
     from .generate import Options, generate, load
 
+    tolerant_stdout()
     try:
+        options = Options(max_tokens, top_k, temperature, random_seed)
+        check_prompt(prompt)
         if compare:
             from .compare import run_compare
 
             click.echo(run_compare(model, lora, tokenizer, prompt, hf_model, hf_lora, tolerance))
             return
-        loaded = load(model, lora, tokenizer)
-        result = generate(loaded, prompt, Options(max_tokens, top_k, temperature, random_seed),
-                          on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        loaded = load(model, lora, tokenizer, options)
+        result = generate(loaded, prompt, options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     except ConversionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -9,6 +9,7 @@ encoding is where the conversion goes wrong.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,18 +75,25 @@ def load_transformers(model_dir: Path, lora_dir: Path | None = None) -> torch.nn
                                       ("--hf-lora", lora_dir, "adapter_config.json")):
         if directory is not None and not (Path(directory) / config).is_file():
             raise ConversionError(f"{option} {directory}: no {config} there (expected a local directory)")
-    try:
+    transformers_logging.set_verbosity_error()  # its multi-line load report: our error line says what failed
+    try:  # transformers and PEFT raise many kinds of errors on a bad checkpoint: each one is the user's input
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConversionError(f"--hf-model {model_dir}: transformers cannot load it ({exc})") from None
+    except Exception as exc:
+        reason = "its weights do not have the shapes its config.json gives" \
+            if "ignore_mismatched_sizes" in str(exc) else first_line(exc)
+        raise ConversionError(f"--hf-model {model_dir}: transformers cannot load it ({reason})") from None
     if lora_dir is not None:
         try:
             with warnings.catch_warnings():  # transformers' deprecation notices about PEFT's calls
                 warnings.simplefilter("ignore", FutureWarning)
                 model = PeftModel.from_pretrained(model, str(lora_dir))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConversionError(f"--hf-lora {lora_dir}: PEFT cannot load it ({exc})") from None
+        except Exception as exc:
+            raise ConversionError(f"--hf-lora {lora_dir}: PEFT cannot load it ({first_line(exc)})") from None
     return model.eval()
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _row(name: str, ours: torch.Tensor, theirs: torch.Tensor, own_ours: torch.Tensor, own_theirs: torch.Tensor) -> Row:
@@ -107,6 +115,8 @@ def transformers_states(hf_model: torch.nn.Module, ids: list[int]) -> tuple[list
     try:
         with torch.no_grad():
             result = hf_model(torch.tensor([ids]), output_hidden_states=True)
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ConversionError(f"--hf-model: transformers fails on the prompt's tokens ({first_line(exc)})") from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -123,6 +133,10 @@ def compare(loaded: LoadedModel, hf_model: torch.nn.Module, ids: list[int], enco
     if len(theirs) != len(ours):
         raise ConversionError(f"transformers runs {len(theirs) - 2} layers, the weights file has {len(ours) - 2}: "
                               "not the same model")
+    for what, mine, other in (("hidden states", ours[0], theirs[0]), ("logits", ours_logits, theirs_logits)):
+        if mine.shape != other.shape:
+            raise ConversionError(f"transformers' {what} have shape {list(other.shape)}, the weights file's "
+                                  f"{list(mine.shape)}: not the same model")
     layers = len(ours) - 2
     rows = [_row("embeddings", ours[0], theirs[0], ours[0], theirs[0])]
     rows += [_row(f"layer {i}", ours[i + 1], theirs[i + 1], ours[i + 1] - ours[i], theirs[i + 1] - theirs[i])
@@ -156,6 +170,8 @@ def run_compare(model: Path, lora: Path | None, tokenizer: Path | None, prompt: 
     """`lora-run --compare`: the report for one prompt, as printed."""
     if hf_model is None:
         raise ConversionError("--compare needs --hf-model DIR: the Hugging Face checkpoint the file was converted from")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ConversionError(f"--tolerance {tolerance}: expected a finite number > 0")
     if (lora is None) != (hf_lora is None):
         raise ConversionError("--compare compares like with like: give both --lora and --hf-lora, or neither")
     loaded = load(model, lora, tokenizer)

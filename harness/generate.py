@@ -1,10 +1,12 @@
 """Text generation over the reference runtime, with MediaPipe LLM Inference's options.
 
-`max_tokens` is the KV-cache size (start token + prompt + output) as in MediaPipe; sampling is
+`max_tokens` is the KV-cache size (start token + prompt + output) as in MediaPipe, at most the
+model's context and what fits in free memory (checked before allocating); sampling is
 top-k with temperature (greedy when temperature is 0 or top-k is 1), seeded by `random_seed`.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,11 @@ from converter.hf_tokenizer import is_converted_hf_tokenizer
 from converter.models.base import Dims
 from converter.runtime_options import RuntimeOptions as Options
 from converter.tflite import SPM_VOCAB_MODEL, WeightFile
-from converter.tokenizer import load_tokenizer
+from converter.tokenizer import check_tokenizer_size, load_tokenizer, parse_sentencepiece
 
 from .linear import threads_for
-from .reference import ReferenceModel
+from .memory import available_bytes, generation_bytes, size_text
+from .reference import ReferenceModel, context_of, family_of
 
 
 @dataclass
@@ -44,15 +47,22 @@ def runtime_text(loaded: LoadedModel, prompt: str) -> str:
     return prompt.replace(" ", BYTE_LEVEL_SPACE) if loaded.byte_level else prompt
 
 
-def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None) -> LoadedModel:
+def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path | None = None,
+         options: Options | None = None) -> LoadedModel:
     """A .bin (tokenizer embedded or given) or a .task (tokenizer and tokens from the bundle); a given
-    tokenizer is a SentencePiece file or a Hugging Face tokenizer folder (converted as lora-convert does)."""
+    tokenizer is a SentencePiece file or a Hugging Face tokenizer folder (converted as lora-convert does).
+    With `options`, their --max-tokens is checked against the model's context before any weight is read."""
     weights, task = open_weights(Path(model_path), "--model")
+    if weights.lora_rank is not None:
+        raise ConversionError(f"--model {model_path} is a LoRA weights file: give it as --lora, "
+                              "with its base model as --model")
+    if options is not None:
+        check_context(options, context_of(weights))
+    lora = WeightFile(regular_file(lora_path, "--lora")) if lora_path else None
     given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
-    tokenizer = spm.SentencePieceProcessor()
     if task is not None:
         blob = given or task.read(TOKENIZER_ENTRY)
-        tokenizer.LoadFromSerializedProto(blob)
+        tokenizer = parse_sentencepiece(blob, f"{model_path}: entry {TOKENIZER_ENTRY}")
         metadata = task.metadata()
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
@@ -60,13 +70,24 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
         blob = given or weights.metadata.get(SPM_VOCAB_MODEL)
         if not blob:
             raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
-        tokenizer.LoadFromSerializedProto(blob)
+        tokenizer = parse_sentencepiece(blob, f"{model_path}: metadata {SPM_VOCAB_MODEL}")
         params = weights.parameters
         start_id = params.start_token_id if params.HasField("start_token_id") else tokenizer.piece_to_id(params.start_token)
         stops = list(params.stop_tokens)
-    lora = WeightFile(regular_file(lora_path, "--lora")) if lora_path else None
+    rows = weights.parameters.vocab_size
+    check_tokenizer_size(blob, tokenizer.get_piece_size(), rows, family_of(weights).untokenized_rows,
+                         f"--tokenizer {tokenizer_path}" if given else "the tokenizer", str(model_path))
+    if not 0 <= start_id < rows:
+        raise ConversionError(f"{model_path}: start token id {start_id} is not one of its {rows} embedding rows")
     return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops},
                        is_converted_hf_tokenizer(blob))
+
+
+def check_context(options: Options, context: int) -> None:
+    """Refuse a KV cache (--max-tokens) larger than the model's context."""
+    if context and options.max_tokens > context:
+        raise ConversionError(f"--max-tokens {options.max_tokens}: more than the model's context of {context} "
+                              f"tokens (prompt + output); use at most --max-tokens {context}")
 
 
 def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -> int:
@@ -85,8 +106,12 @@ def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
 def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
     """Token ids as they are generated, until a stop token or the KV cache is full."""
     ids = prompt_ids(loaded, prompt)
+    check_context(options, loaded.model.context)
     if len(ids) >= options.max_tokens:
-        raise ConversionError(f"the prompt takes {len(ids)} tokens; --max-tokens {options.max_tokens} leaves no room")
+        context = f" (the model's context: {loaded.model.context})" if loaded.model.context else ""
+        raise ConversionError(f"the prompt takes {len(ids)} tokens (start token included); --max-tokens "
+                              f"{options.max_tokens} leaves no room for output: raise it{context} or shorten the prompt")
+    check_memory(loaded.model.dims, options, len(ids))
     generator = torch.Generator().manual_seed(options.random_seed)
     per_token = multiply_adds_per_token(loaded.model.dims)
     with torch.no_grad():
@@ -99,6 +124,18 @@ def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator
             yield token
             with threads_for(per_token):
                 logits, cache = loaded.model.forward([token], cache)
+
+
+def check_memory(dims: Dims, options: Options, prompt_tokens: int) -> None:
+    """Refuse a KV cache and prompt that would not fit in the memory left, before allocating them."""
+    free = available_bytes()
+    need = generation_bytes(dims, options.max_tokens, prompt_tokens)
+    if free is None or need <= free:
+        return
+    most = bisect.bisect_right(range(options.max_tokens), free, key=lambda n: generation_bytes(dims, n, prompt_tokens)) - 1
+    hint = f"use at most --max-tokens {most}" if most > prompt_tokens else "the prompt alone does not fit"
+    raise ConversionError(f"--max-tokens {options.max_tokens}: the KV cache and attention for a {prompt_tokens}-token "
+                          f"prompt need about {size_text(need)}, only {size_text(free)} of memory is free; {hint}")
 
 
 def multiply_adds_per_token(dims: Dims) -> int:
@@ -121,14 +158,32 @@ class Generation:
 def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None) -> Generation:
     """Generate, calling `on_text(piece)` with each new piece of text as it is decoded."""
     ids: list[int] = []
-    text = ""
+    shown = ""
     start = time.perf_counter()
     for token in generate_ids(loaded, prompt, options):
         ids.append(token)
-        decoded = loaded.tokenizer.decode(ids)
-        if loaded.byte_level:
-            decoded = decoded.replace(BYTE_LEVEL_SPACE, " ")
-        if on_text and decoded.startswith(text):
-            on_text(decoded[len(text):])
-        text = decoded
+        # A character split over byte tokens decodes as U+FFFD until its last byte arrives: hold it back.
+        shown = _show(decode(loaded, ids).rstrip(UNFINISHED), shown, on_text)
+    text = decode(loaded, ids)
+    _show(text, shown, on_text)
     return Generation(ids, text, time.perf_counter() - start)
+
+
+UNFINISHED = "\ufffd"  # what SentencePiece decodes an incomplete or invalid UTF-8 byte sequence to
+
+
+def decode(loaded: LoadedModel, ids: list[int]) -> str:
+    """The text of generated ids; ids past the tokenizer's pieces (embedding rows no piece names,
+    such as Gemma 3's image tokens) have none."""
+    size = loaded.tokenizer.get_piece_size()
+    text = loaded.tokenizer.decode([i for i in ids if i < size])
+    return text.replace(BYTE_LEVEL_SPACE, " ") if loaded.byte_level else text
+
+
+def _show(text: str, shown: str, on_text) -> str:
+    """Pass what `text` adds to the `shown` text to `on_text`; returns what is shown now."""
+    if not text.startswith(shown):
+        return shown
+    if on_text and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text

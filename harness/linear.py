@@ -27,7 +27,7 @@ import torch
 
 from converter import quantize
 from converter.errors import ConversionError
-from converter.tflite import INT4, INT8, WeightFile
+from converter.tflite import FLOAT16, FLOAT32, INT4, INT8, WeightFile
 
 DIGITS = 4
 RADIX = 254  # |residual| <= 0.5 after rounding, so residual * 254 still fits in int8 (<= 127)
@@ -160,8 +160,12 @@ class QuantizedLinear:
 def load_linear(weights: WeightFile, name: str, out_features: int, in_features: int, lookup: bool = False) -> Linear:
     """The `[out_features, in_features]` matrix `name` of a weights file, kept as stored; `lookup`
     if its rows are also looked up (an embedding)."""
-    entry = weights.tensors[name]
+    entry = weights.entry(name)
     if entry.type not in (INT8, INT4):
+        itemsize = {FLOAT32: 4, FLOAT16: 2}.get(entry.type)
+        if itemsize is None or entry.nbytes != out_features * in_features * itemsize:
+            raise ConversionError(f"{weights.path}: tensor {name} has {entry.nbytes} bytes of type {entry.type}, "
+                                  f"not a float [{out_features}, {in_features}] matrix")
         return FloatLinear(weights.matrix(name, out_features, in_features))
     bits = 8 if entry.type == INT8 else 4
     count = out_features * in_features

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from converter.models import FAMILIES
 from converter.models.base import Architecture, Dims, ModelFamily, WeightRule
 from converter.proto import llm_params_pb2
 from converter.proto.transformer_params_pb2 import TransformerParameters as TP
+from converter.plan import LORA_FLOAT_BYTES
 from converter.tflite import WeightFile
 
 from .linear import Linear, load_linear
@@ -30,11 +32,38 @@ from .linear import Linear, load_linear
 Weights = dict[str, Linear | torch.Tensor]  # matrices as `Linear`, norm scales and biases as tensors
 
 
-def dims_from_parameters(params: llm_params_pb2.LlmParameters) -> Dims:
+def dims_from_parameters(params: llm_params_pb2.LlmParameters, path: Path) -> Dims:
+    """The shapes the file's LlmParameters state, refused (naming the field) when no model has them."""
     t = params.transformer_parameters
-    return Dims(num_layers=t.num_stacks, hidden_size=t.embedding_dim, intermediate_size=t.hidden_dimension,
+    dims = Dims(num_layers=t.num_stacks, hidden_size=t.embedding_dim, intermediate_size=t.hidden_dimension,
                 num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or t.num_heads, head_dim=t.head_dimension,
                 vocab_size=params.vocab_size)
+    fields = (("num_stacks", dims.num_layers), ("embedding_dim", dims.hidden_size),
+              ("hidden_dimension", dims.intermediate_size), ("num_heads", dims.num_heads),
+              ("num_kv_heads", dims.num_kv_heads), ("head_dimension", dims.head_dim), ("vocab_size", dims.vocab_size))
+    for name, value in fields:
+        if value < 1:
+            raise ConversionError(f"{path}: LlmParameters {name} is {value}, expected at least 1")
+    if dims.num_heads % dims.num_kv_heads:
+        raise ConversionError(f"{path}: LlmParameters num_kv_heads {dims.num_kv_heads} does not divide "
+                              f"num_heads {dims.num_heads}")
+    return dims
+
+
+def check_values(t: TP, path: Path) -> None:
+    """Refuse LlmParameters values the forward pass cannot use (they would give NaN or masked-out
+    attention, not an error): negative windows or layer patterns, non-finite caps and rotary settings."""
+    attention = t.self_attention_parameters
+    checks = [("self_attention_parameters.sliding_window_size", attention.sliding_window_size, False),
+              ("num_local_layers_per_global", t.num_local_layers_per_global, False),
+              ("self_attention_parameters.soft_cap_value", attention.soft_cap_value, False),
+              ("final_project_parameters.soft_cap_value", t.final_project_parameters.soft_cap_value, False)]
+    checks += [(name, getattr(t, name), True) for name in ("query_rescale_factor", "global_rope_wavelength",
+                                                            "global_rope_scaling") if t.HasField(name)]
+    for name, value, positive in checks:
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ConversionError(f"{path}: LlmParameters {name} is {value}, expected a finite number "
+                                  f"{'> 0' if positive else '>= 0'}")
 
 
 def family_of(weights: WeightFile) -> ModelFamily:
@@ -44,11 +73,20 @@ def family_of(weights: WeightFile) -> ModelFamily:
     raise ConversionError(f"{weights.path}: the reference runtime does not know model type {weights.subgraph_name}")
 
 
+def context_of(weights: WeightFile) -> int:
+    """The most positions (prompt + output) the model takes: the file's max_seq_length if it states
+    one, else its model type's context; 0 if neither is known."""
+    stated = weights.parameters.transformer_parameters.max_seq_length
+    return stated if stated > 0 else family_of(weights).model_type(weights.subgraph_name).context
+
+
 def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> Linear | torch.Tensor:
-    """A matrix kept as stored (quantized roles) or a raw float32 vector (norm scales, biases)."""
+    """A matrix kept as stored (quantized roles) or a raw float32 vector (norm scales, biases), of
+    the size the parameters give it."""
+    shape = rule.output_shape(dims)
     if rule.role.quantized:
-        return load_linear(base, name, *rule.output_shape(dims), lookup=rule.slot == "embedding")
-    return base.vector(name)
+        return load_linear(base, name, *shape, lookup=rule.slot == "embedding")
+    return base.vector(name, math.prod(shape))
 
 
 def slot_of(rule: WeightRule) -> str:
@@ -140,10 +178,13 @@ class ReferenceModel:
 
     def __init__(self, base: WeightFile, lora: WeightFile | None = None):
         self.family = family_of(base)
+        self.base_type = base.subgraph_name
         self.arch = self.family.architecture
         self.parameters = base.parameters
         self.t = self.parameters.transformer_parameters
-        self.dims = d = dims_from_parameters(self.parameters)
+        self.dims = d = dims_from_parameters(self.parameters, base.path)
+        check_values(self.t, base.path)
+        self.context = context_of(base)
         self.globals: Weights = {}
         for rule in self.family.head + self.family.tail:
             self.globals[slot_of(rule)] = read_rule(base, rule, rule.mp, d)
@@ -172,21 +213,39 @@ class ReferenceModel:
     def _attach_lora(self, lora: WeightFile) -> None:
         rank = lora.lora_rank
         if rank is None:
-            raise ConversionError(f"{lora.path} is not a LoRA weights file")
+            raise ConversionError(f"--lora {lora.path}: a base model's weights file, not a LoRA weights file")
+        if lora.subgraph_name != self.base_type:
+            raise ConversionError(f"--lora {lora.path} was converted for model type {lora.subgraph_name}, "
+                                  f"the model is {self.base_type}")
         if lora.parameters.transformer_parameters != self.t:
-            raise ConversionError(f"{lora.path} was converted for another model")
+            theirs = dims_from_parameters(lora.parameters, lora.path)
+            differ = [f"{name} {getattr(theirs, name)} vs {getattr(self.dims, name)}"
+                      for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                                   "head_dim") if getattr(theirs, name) != getattr(self.dims, name)]
+            raise ConversionError(f"--lora {lora.path} was converted for another model "
+                                  f"({', '.join(differ) or 'its transformer parameters differ'})")
+        if not isinstance(rank, int) or rank < 1:
+            raise ConversionError(f"--lora {lora.path}: LoRA rank {rank!r} in its metadata, expected at least 1")
         d = self.dims
+        itemsize = LORA_FLOAT_BYTES[self.family.lora_float]
         slots = {rule.hf.removesuffix(".weight"): slot_of(rule) for rule in self.family.layer}
         for i, layer in enumerate(self.layers):
             prefix = self.family.mp_layer_prefix.format(i=i)
             for rule in self.family.lora:
                 a_name, b_name = f"{prefix}{rule.mp}.{rule.a_name}", f"{prefix}{rule.mp}.{rule.b_name}"
-                if a_name not in lora.tensors:
+                if a_name not in lora.tensors and b_name not in lora.tensors:
                     continue
                 in_features, out_features = getattr(d, rule.in_features), getattr(d, rule.out_features)
-                a = lora.matrix(a_name, rank, in_features)
-                b = lora.matrix(b_name, out_features, rank)
-                layer.lora[slots[rule.hf_module]] = (a, b)
+                for name, rows, cols in ((a_name, rank, in_features), (b_name, out_features, rank)):
+                    entry = lora.tensors.get(name)
+                    if entry is None or entry.nbytes != rows * cols * itemsize:
+                        found = "is missing" if entry is None else f"has {entry.nbytes} bytes"
+                        raise ConversionError(f"--lora {lora.path}: tensor {name} {found}, expected a [{rows}, {cols}] "
+                                              f"{self.family.lora_float} matrix (rank {rank} in its metadata)")
+                layer.lora[slots[rule.hf_module]] = (lora.matrix(a_name, rank, in_features),
+                                                     lora.matrix(b_name, out_features, rank))
+        if not any(layer.lora for layer in self.layers):
+            raise ConversionError(f"--lora {lora.path}: no LoRA tensor of a {self.base_type} model in it")
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind) -> torch.Tensor:
         """Rotate-half rotary embedding on the first `rotary_fraction` of each head."""

@@ -287,6 +287,8 @@ class WebRuntime:
         """LlmInference.createFromOptions on a .bin or .task (replaces the loaded one)."""
         settings = {"maxTokens": options.max_tokens, "topK": options.top_k, "temperature": options.temperature,
                     "randomSeed": options.random_seed}
+        if lora_ranks and not all(isinstance(rank, int) and 1 <= rank < 2**31 for rank in lora_ranks):
+            raise WebRuntimeError(f"loraRanks {lora_ranks}: expected positive 32-bit integers")
         if lora_ranks:
             settings["loraRanks"] = list(lora_ranks)
         self._generated = False

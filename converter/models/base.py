@@ -159,13 +159,16 @@ class LoraRule:
 
 @dataclass(frozen=True)
 class ModelType:
-    """A MediaPipe model type: enum value, the real hyperparameters of its checkpoints and
-    whether MediaPipe's runtime takes LoRA weights for it."""
+    """A MediaPipe model type: enum value, the real hyperparameters of its checkpoints,
+    whether MediaPipe's runtime takes LoRA weights for it and its context: the most positions
+    (prompt + output) its checkpoints were made for (config.json's max_position_embeddings),
+    which LlmParameters does not carry; 0 if unknown."""
 
     name: str
     enum_value: int
     reference: Dims
     lora: bool = True
+    context: int = 0
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def fused_qkv(part: int, name: str) -> tuple[WeightRule, WeightRule]:
 FAMILY = ModelFamily(
     name="falcon",
     hf_model_types=("falcon", "RefinedWebModel"),
-    model_types=(ModelType("FALCON_RW_1B", 5, Dims(24, 2048, 8192, 32, 32, 64, 50304)),),
+    model_types=(ModelType("FALCON_RW_1B", 5, Dims(24, 2048, 8192, 32, 32, 64, 50304), context=2048),),
     head=(
         WeightRule("transformer.word_embeddings.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
                    ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),

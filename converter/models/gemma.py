@@ -126,9 +126,9 @@ FAMILY = ModelFamily(
     name="gemma",
     hf_model_types=("gemma",),
     model_types=(
-        ModelType("GEMMA_2B", 6, Dims(18, 2048, 16384, 8, 1, 256, 256000)),
+        ModelType("GEMMA_2B", 6, Dims(18, 2048, 16384, 8, 1, 256, 256000), context=8192),
         # MediaPipe 0.10.21 refuses LoRA for GEMMA_7B (its LoRA model list is GEMMA_2B, GEMMA2_2B, PHI_2).
-        ModelType("GEMMA_7B", 12, Dims(28, 3072, 24576, 16, 16, 256, 256000), lora=False),
+        ModelType("GEMMA_7B", 12, Dims(28, 3072, 24576, 16, 16, 256, 256000), lora=False, context=8192),
     ),
     head=(EMBEDDING,),
     layer=(INPUT_NORM, Q, K, V, O, norm("post_attention_layernorm", "ff_layer.pre_layer_norm.scale", "mlp_norm"), *MLP),

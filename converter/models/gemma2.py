@@ -37,7 +37,7 @@ POST_NORMS_LAYER = (
 FAMILY = ModelFamily(
     name="gemma2",
     hf_model_types=("gemma2",),
-    model_types=(ModelType("GEMMA2_2B", 18, Dims(26, 2304, 9216, 8, 4, 256, 256000)),),
+    model_types=(ModelType("GEMMA2_2B", 18, Dims(26, 2304, 9216, 8, 4, 256, 256000), context=8192),),
     head=(EMBEDDING,),
     layer=POST_NORMS_LAYER,
     tail=(FINAL_NORM,),

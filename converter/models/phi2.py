@@ -57,7 +57,7 @@ def layer_norm(hf: str, mp: str, slot: str) -> tuple[WeightRule, WeightRule]:
 FAMILY = ModelFamily(
     name="phi",
     hf_model_types=("phi",),
-    model_types=(ModelType("PHI_2", 11, Dims(32, 2560, 10240, 32, 32, 80, 51200)),),
+    model_types=(ModelType("PHI_2", 11, Dims(32, 2560, 10240, 32, 32, 80, 51200), context=2048),),
     head=(
         WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
                    ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),

@@ -43,7 +43,7 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
 FAMILY = ModelFamily(
     name="stablelm",
     hf_model_types=("stablelm", "stablelm_epoch"),
-    model_types=(ModelType("STABLELM_4E1T_3B", 8, Dims(32, 2560, 6912, 32, 32, 80, 50304)),),
+    model_types=(ModelType("STABLELM_4E1T_3B", 8, Dims(32, 2560, 6912, 32, 32, 80, 50304), context=4096),),
     head=(
         WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
                    ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding"),
