@@ -12,6 +12,7 @@ as a LoRA file; everything else can only be merged into the base (converter/merg
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,6 +478,8 @@ def load_adapter(path: str | Path, family: ModelFamily, dims: Dims, model_type: 
     changes in the base (`"lora"`: only what could ship as LoRA, `"all"`: everything exact).
     """
     path = Path(path)
+    if max_adapter_mb is not None and not (math.isfinite(max_adapter_mb) and max_adapter_mb > 0):
+        raise ConversionError(f"--max-adapter-mb {max_adapter_mb}: expected a positive number of megabytes")
     file, config = _adapter_files(path)
     if config.use_dora and merge != "all":
         raise ConversionError(f"{path}: DoRA adapters (use_dora) cannot run as LoRA on the runtime; merge it into "

@@ -91,7 +91,7 @@ def read_adapter_config(file: Path) -> AdapterConfig:
     raw = read_json_object(file)
     config = AdapterConfig(
         file,
-        r=_positive_int(file, "r", raw.get("r")),
+        r=_rank(file, raw),
         lora_alpha=_alpha(file, raw),
         rank_pattern=_pattern(file, raw, "rank_pattern", _positive_int),
         alpha_pattern=_pattern(file, raw, "alpha_pattern", _finite),
@@ -103,7 +103,25 @@ def read_adapter_config(file: Path) -> AdapterConfig:
         model_type=_text(file, raw, "model_type"),
     )
     _refuse_variants(file, raw)
+    _check_module_lists(file, raw)
     return config
+
+
+def _check_module_lists(file: Path, raw: dict) -> None:
+    """Keys we only read through the tensors they produce, checked to hold what PEFT writes there."""
+    def is_ints(value: object) -> bool:
+        items = value if isinstance(value, list) else [value]
+        return all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in items)
+
+    def is_strings(value: object) -> bool:
+        return isinstance(value, str) or isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    for key, valid, expected in (("modules_to_save", is_strings, "a list of module names"),
+                                 ("layers_to_transform", is_ints, "a layer index or a list of them"),
+                                 ("layers_pattern", is_strings, "a module name or a list of them")):
+        value = raw.get(key)
+        if value is not None and not valid(value):
+            raise _error(file, key, expected, value)
 
 
 def _shown(value: object) -> str:
@@ -121,6 +139,13 @@ def _positive_int(file: Path, key: str, value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
         raise _error(file, key, f"a positive integer up to {MAX_RANK} (the LoRA rank)", value)
     return value
+
+
+def _rank(file: Path, raw: dict) -> int | None:
+    """`r`: absent means "read the rank from the tensors"; null is not a rank."""
+    if "r" in raw and raw["r"] is None:
+        raise _error(file, "r", f"a positive integer up to {MAX_RANK} (the LoRA rank)", None)
+    return _positive_int(file, "r", raw.get("r"))
 
 
 def _finite(file: Path, key: str, value: object) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import BinaryIO, Iterable, Iterator
 from .errors import ConversionError
 
 MAX_JSON_BYTES = 64 << 20  # config.json, adapter_config.json, tokenizer.json, shard indexes
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the ones the supervisor turns into cleanup
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
@@ -242,6 +244,17 @@ def output_group() -> Iterator[OutputGroup]:
 
 
 @contextmanager
+def signals_held() -> Iterator[None]:
+    """Delay SIGINT, SIGTERM and SIGHUP over a few bookkeeping steps (main thread), so a signal
+    cannot land between creating a temporary file and recording it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextmanager
 def atomic_output(path: Path, option: str | None = None) -> Iterator[BinaryIO]:
     """Yield a new file opened for writing, beside `path`; on success it is synced and renamed
     over `path` (with the usual umask permissions). On any exception, signals included, it is
@@ -251,18 +264,20 @@ def atomic_output(path: Path, option: str | None = None) -> Iterator[BinaryIO]:
     made: list[Path] = []
     temp = None
     try:
-        made = _created_folders(path.parent)
-        fd, temp = tempfile.mkstemp(prefix=_temp_name(path), suffix=".partial", dir=path.parent)
-        report_partial(temp)
+        with signals_held():  # the temporary file exists exactly while `temp` names it
+            made = _created_folders(path.parent)
+            fd, temp = tempfile.mkstemp(prefix=_temp_name(path), suffix=".partial", dir=path.parent)
+            report_partial(temp)
         with os.fdopen(fd, "w+b") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~current_umask())
-        os.replace(temp, path)
-        temp = None
-        for group in _groups:
-            group.paths.append(path)
+        with signals_held():
+            os.replace(temp, path)
+            temp = None
+            for group in _groups:
+                group.paths.append(path)
         _fsync_folder(path.parent)
     except OSError as exc:
         cleanup(temp, made)

@@ -19,6 +19,7 @@ from .errors import ConversionError
 from .files import read_json_object
 from .merge import MergedSource
 from .models import find_model_type, lora_model_type_names
+from .models.values import flag, shown, strings
 from .models.base import Dims, ModelFamily, ModelType, WeightRule, check_parameters, dims_from_config
 from .special_tokens import apply_special_tokens
 from .split import SplittingSource
@@ -94,10 +95,17 @@ def checkpoint_folder(checkpoint: Path) -> Path:
 
 
 def _read_config(checkpoint: Path) -> tuple[dict | None, Path]:
+    """config.json beside the checkpoint (None when there is none: a FIFO or folder in its place is
+    refused, not taken as missing), with the keys every family relies on type-checked."""
     path = checkpoint_folder(checkpoint) / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None, path
-    return read_json_object(path), path
+    config = read_json_object(path)
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise ConversionError(f"{path}: model_type must be a string, got {shown(config['model_type'])}")
+    strings(config, "architectures", source=str(path))
+    flag(config, "tie_word_embeddings", True, source=str(path))
+    return config, path
 
 
 def resolve_dims(family: ModelFamily, model_type: ModelType, checkpoint: Path) -> tuple[Dims, dict]:

@@ -22,7 +22,7 @@ import click
 
 from . import files
 
-HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HANDLED = files.HELD_SIGNALS
 CAUSES = {
     signal.SIGBUS: "an input file was truncated or changed while it was being read",
     signal.SIGSEGV: "a crash in native code",

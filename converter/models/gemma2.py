@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from .base import Dims, ModelFamily, ModelType
+from .values import integer
 from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, TIED_LM_HEAD, K, O, Q,
                     V, attention_scale_type, base_parameters, check_common, norm, soft_cap)
 
@@ -21,6 +22,7 @@ DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     """LlmParameters for a Gemma 2 checkpoint, matching MediaPipe's for GEMMA2_2B."""
     check_common(config)
+    integer(config, "sliding_window", 4096)  # checked, not written: the runtime leaves the window off (see above)
     caps = {key: soft_cap(config, key, default) for key, default in DEFAULTS.items()}
     return base_parameters(dims, post_norms=True, attention_cap=caps["attn_logit_softcapping"],
                            final_cap=caps["final_logit_softcapping"], scale_type=attention_scale_type(dims, config))
