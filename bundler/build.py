@@ -73,8 +73,10 @@ def write_bundle(config: BundleConfig) -> Path:
     """Validate and write the bundle; returns its path."""
     path = check_output(config.output_path, "--output-filename")
     checked = check_inputs(config)
-    refuse_overwrite([("--output-filename", path)], [("--tflite-model", config.tflite_model),
-                                                      ("--tokenizer-model", config.tokenizer_model)])
+    # The name as given too: naming an input there is a mistake even though the suffix would spare it.
+    given = Path(config.output_filename)
+    refuse_overwrite([("--output-filename", p) for p in dict.fromkeys((path, given))],
+                     [("--tflite-model", config.tflite_model), ("--tokenizer-model", config.tokenizer_model)])
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 

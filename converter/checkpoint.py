@@ -77,8 +77,10 @@ class SafetensorsSource(TensorSource):
         infos: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._offsets: dict[str, int] = {}
+        self._sizes: dict[Path, int] = {}  # as validated with the header
         for file in files:
             entries, data_start = _read_safetensors_header(file)
+            self._sizes[file] = file.stat().st_size
             for name, (shape, dtype, begin) in entries.items():
                 if name in infos:
                     raise ConversionError(f"{file}: tensor {name} also appears in {infos[name].file}")
@@ -89,7 +91,13 @@ class SafetensorsSource(TensorSource):
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
             with open(file, "rb") as handle:
-                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            size = len(mapped)
+            if size != self._sizes[file]:
+                mapped.close()
+                raise ConversionError(f"{file} changed while being read ({self._sizes[file]:,} bytes when its header "
+                                      f"was checked, {size:,} now); convert from a file nothing else writes")
+            self._maps[file] = mapped
         return self._maps[file]
 
     @contextmanager

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConversionError
-from .files import check_input
+from .files import check_input, check_name_lengths
 
 CKPT_FORMATS = ("safetensors", "pytorch")
 BACKENDS = ("gpu", "cpu")
@@ -73,7 +73,7 @@ class ConversionConfig:
                               ("--lora-ckpt", self.lora_ckpt)):
             if given is not None:
                 check_input(given, option, folder=True)
-        if Path(self.output_dir).is_file():
+        if check_name_lengths(self.output_dir, "--output-dir").is_file():
             raise ConversionError(f"--output-dir {self.output_dir} is an existing file, expected a folder")
 
     def _check_merge_options(self) -> None:

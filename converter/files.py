@@ -147,7 +147,7 @@ def check_output(path: Path | str, option: str) -> Path:
     """An output file path that can be created: no name too long, no existing folder or device in
     its place, and a folder (existing or to be made) above it. Nothing is created."""
     path = check_name_lengths(path, option)
-    if path.exists() or path.is_symlink():
+    if path.exists():  # a dangling symbolic link is fine: the new file replaces the link
         try:
             mode = path.stat().st_mode
         except OSError as exc:
