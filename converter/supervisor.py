@@ -129,7 +129,7 @@ def supervise(run: Callable[[], object]) -> NoReturn:
     if signum in HANDLED:
         message = interrupted_line(signum)
     else:
-        cause = CAUSES.get(signum, "a fatal signal")
+        cause = CAUSES.get(signal.Signals(signum), "a fatal signal")
         message = f"error: killed by {signal.Signals(signum).name} ({cause}); no output written"
     print(message, file=sys.stderr)
     sys.exit(128 + signum)

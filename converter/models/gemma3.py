@@ -60,7 +60,7 @@ def local_layers_per_global(config: dict, num_layers: int) -> int:
     """n in the runtime's pattern of n sliding-window layers then one global layer, checked against
     `layer_types` (transformers 5) or taken from `sliding_window_pattern` (transformers 4)."""
     key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if config.get(k) is not None), None)
-    pattern = integer(config, key) if key else DEFAULTS["sliding_window_pattern"]
+    pattern = integer(config, key) if key else integer(DEFAULTS, "sliding_window_pattern")
     layer_types = strings(config, "layer_types")
     if layer_types:
         globals_ = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
