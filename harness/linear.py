@@ -15,6 +15,7 @@ exact (VNNI); elsewhere `torch._int_mm`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import mmap
 import platform
@@ -101,6 +102,7 @@ class IntMmProduct:
         return torch._int_mm(digits.to(torch.int8), self.values.T).to(torch.float32) * self.scale
 
 
+@functools.cache
 def exact_product() -> type[OneDnnProduct] | type[IntMmProduct]:
     """oneDNN's kernels where they are exact, else `torch._int_mm`. Without VNNI (AVX2 only, e.g.
     some AMD EPYC) oneDNN adds unsigned x signed byte pairs in saturating int16 and is wrong for
@@ -114,7 +116,7 @@ def exact_product() -> type[OneDnnProduct] | type[IntMmProduct]:
     return OneDnnProduct if torch.equal(probe.double(), exact) else IntMmProduct
 
 
-PRODUCT = exact_product()
+PRODUCT: type[OneDnnProduct] | type[IntMmProduct] | None = None  # None: exact_product(), probed on first use
 
 
 @contextmanager
@@ -135,12 +137,12 @@ def threads_for(multiply_adds: int) -> Iterator[None]:
 
 class QuantizedLinear:
     """Stored int8/int4 values `q` [out, in] and row scales [out]: W = q * scale[:, None]. The
-    values are kept for `rows` only when asked (the embedding); products use `PRODUCT`'s copy."""
+    values are kept for `rows` only when asked (the embedding); products use the product class's copy."""
 
     def __init__(self, values: torch.Tensor, scale: torch.Tensor, keep_rows: bool = False):
         self.scale = scale
         self.values = values if keep_rows else None
-        self.product = PRODUCT(values, scale)
+        self.product = (PRODUCT or exact_product())(values, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

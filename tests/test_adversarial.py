@@ -119,18 +119,24 @@ def config_keys(path) -> list[str]:
     return sorted(json.loads(path.read_text())) + ["new_field"]
 
 
-@PROPERTY
-@given(key=st.sampled_from(config_keys(adv.FIXTURES / "tiny-gemma" / "config.json")), value=JSON_VALUES,
-       delete=st.booleans())
-def test_config_json_mutations(work, key, value, delete):
+def json_mutation(where, key: str, value, delete: bool):
+    """A case setup that sets (or deletes) one key of the JSON object at `where(case)`."""
     def mutate(c):
-        path = c.ckpt / "config.json"
+        path = where(c)
         config = json.loads(path.read_text())
         if delete:
             config.pop(key, None)
         else:
             config[key] = value
         path.write_text(dump(config))
+    return mutate
+
+
+@PROPERTY
+@given(key=st.sampled_from(config_keys(adv.FIXTURES / "tiny-gemma" / "config.json")), value=JSON_VALUES,
+       delete=st.booleans())
+def test_config_json_mutations(work, key, value, delete):
+    mutate = json_mutation(lambda c: c.ckpt / "config.json", key, value, delete)
     judge(either("convert.hypothesis.config", adv.CONVERT, mutate, adv.BASE_OUT, "config"), work)
 
 
@@ -138,14 +144,7 @@ def test_config_json_mutations(work, key, value, delete):
 @given(key=st.sampled_from(config_keys(adv.FIXTURES / "tiny-gemma-lora" / "adapter_config.json")),
        value=JSON_VALUES, delete=st.booleans())
 def test_adapter_config_mutations(work, key, value, delete):
-    def mutate(c):
-        path = c.lora / "adapter_config.json"
-        config = json.loads(path.read_text())
-        if delete:
-            config.pop(key, None)
-        else:
-            config[key] = value
-        path.write_text(dump(config))
+    mutate = json_mutation(lambda c: c.lora / "adapter_config.json", key, value, delete)
     judge(either("convert.hypothesis.adapter", adv.CONVERT_LORA, mutate, adv.BOTH_OUT, "adapter"), work)
 
 
