@@ -57,6 +57,12 @@ def edit_config(lora: Path, **changes) -> None:
     (lora / "adapter_config.json").write_text(json.dumps(config))  # NaN/Infinity as Python's json writes them
 
 
+def drop_config_key(lora: Path, key: str) -> None:
+    config = json.loads((lora / "adapter_config.json").read_text())
+    del config[key]
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+
+
 def edit_tensors(lora: Path, edit) -> None:
     tensors = load_file(str(lora / "adapter_model.safetensors"))
     edit(tensors)
@@ -163,7 +169,7 @@ LIES = {  # edit, words
                                        ["layer 0 self_attn.q_proj", "r=4", "rank 8"]),
     "A rank 8, B rank 4": (lambda lora: edit_tensors(lora, lambda t: t.update({Q_B: torch.ones(64, 4)})),
                            ["q_proj", "[8, 64]", "[64, 4]"]),
-    "rank 0": (lambda lora: (edit_config(lora, r=None), edit_tensors(
+    "rank 0": (lambda lora: (drop_config_key(lora, "r"), edit_tensors(
         lora, lambda t: t.update({Q_A: torch.ones(0, 64), Q_B: torch.ones(64, 0)}))), ["q_proj", "rank 0"]),
     "A of three dimensions": (lambda lora: edit_tensors(lora, lambda t: t.update({Q_A: torch.ones(8, 64, 1)})),
                               ["q_proj.lora_A", "[8, 64, 1]"]),
