@@ -36,3 +36,14 @@ def run_convert(*args: str):
 def base_args(checkpoint: Path, out: Path, *extra) -> list:
     return ["--model-type", "GEMMA_2B", "--input-ckpt", checkpoint, "--vocab-model-file", TOKENIZER,
             "--output-dir", out, "--output-tflite-file", out / "model.bin", "--quiet", *extra]
+
+
+def padded_tokenizer(path: Path, pieces: int) -> Path:
+    """The tiny tokenizer with user-defined pieces appended up to `pieces` (a vocabulary that fits)."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto.FromString(TOKENIZER.read_bytes())
+    for index in range(len(proto.pieces), pieces):
+        proto.pieces.add(piece=f"<extra_{index}>", score=0.0, type=spm_pb.ModelProto.SentencePiece.USER_DEFINED)
+    path.write_bytes(proto.SerializeToString())
+    return path

@@ -26,7 +26,7 @@ from converter.checkpoint import checkpoint_files, open_checkpoint
 from converter.errors import ConversionError
 from converter.models import find_model_type
 
-from .conftest import TINY, TINY_LORA, TOKENIZER, base_args, run_convert
+from .conftest import TINY, TINY_LORA, TOKENIZER, base_args, padded_tokenizer, run_convert
 from .test_tflite import METADATA, TENSORS, write
 
 
@@ -449,17 +449,6 @@ def gemma_7b_sized_checkpoint(folder: Path) -> None:
         handle.write(struct.pack("<Q", len(text)) + text)
         handle.truncate(8 + len(text) + position)
     (folder / "config.json").write_text(json.dumps(config))
-
-
-def padded_tokenizer(path: Path, pieces: int) -> Path:
-    """The tiny tokenizer with user-defined pieces appended up to `pieces` (a vocabulary that fits)."""
-    from sentencepiece import sentencepiece_model_pb2 as spm_pb
-
-    proto = spm_pb.ModelProto.FromString(TOKENIZER.read_bytes())
-    for index in range(len(proto.pieces), pieces):
-        proto.pieces.add(piece=f"<extra_{index}>", score=0.0, type=spm_pb.ModelProto.SentencePiece.USER_DEFINED)
-    path.write_bytes(proto.SerializeToString())
-    return path
 
 
 def test_fp32_gemma_7b_embedding_is_refused_up_front_even_in_dry_run(tmp_path):

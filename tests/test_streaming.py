@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TOKENIZER
+from .conftest import ROOT, padded_tokenizer
 
 pytestmark = pytest.mark.slow
 SIZES = {  # Gemma-shaped bf16 checkpoints: ~0.2 GB and ~0.8 GB
@@ -45,8 +45,9 @@ def test_peak_rss_is_flat_in_model_size(tmp_path):
     for name, size in SIZES.items():
         folder = tmp_path / name
         make_checkpoint(folder, size)
+        tokenizer = padded_tokenizer(tmp_path / f"{name}.model", size["vocab_size"])
         command = [sys.executable, "-m", "converter.cli", "--model-type", "GEMMA_2B", "--input-ckpt", str(folder),
-                   "--vocab-model-file", str(TOKENIZER), "--output-dir", str(tmp_path / f"{name}-out"), "--quiet"]
+                   "--vocab-model-file", str(tokenizer), "--output-dir", str(tmp_path / f"{name}-out"), "--quiet"]
         peaks[name] = peak_rss(command)
         # --merge-lora: every linear tensor merged with an all-linear adapter, read chunk by chunk too
         peaks[f"{name} merged"] = peak_rss(command[:-2] + [str(tmp_path / f"{name}-merged"), "--quiet", "--lora-ckpt",
