@@ -69,7 +69,8 @@ def main(model, loras, adapter, tokenizer, prompt, max_tokens, top_k, temperatur
         if compare:
             from .compare import run_compare
 
-            click.echo(run_compare(model, dict(named).get(chosen), tokenizer, prompt, hf_model, hf_lora, tolerance))
+            lora = dict(named)[chosen] if chosen else None
+            click.echo(run_compare(model, lora, tokenizer, prompt, hf_model, hf_lora, tolerance))
             return
         with ReferenceRuntime(model, tokenizer, options) as runtime:
             for name, path in named:
