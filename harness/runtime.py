@@ -21,6 +21,7 @@ from .reference import Adapter
 
 OnText = Callable[[str], object]
 Handle = TypeVar("Handle")  # what a runtime keeps per adapter (its weights, a runtime's own handle)
+Self = TypeVar("Self", bound="Runtime")
 
 
 class Runtime(ABC, Generic[Handle]):
@@ -62,7 +63,7 @@ class Runtime(ABC, Generic[Handle]):
     def close(self) -> None:
         """Release what the runtime holds (a browser, an engine); safe to call twice."""
 
-    def __enter__(self) -> Runtime[Handle]:
+    def __enter__(self: Self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from converter.errors import ConversionError
+from converter.tflite import WeightFile
 from harness import reference
 from harness.cli import main
 from harness.generate import Options, generate, load
@@ -79,10 +81,8 @@ def test_switching_adapters_in_one_runtime_gives_the_separate_runs_without_readi
 
 
 def test_a_view_with_an_adapter_shares_every_base_weight(files):
-    runtime = ReferenceRuntime(files["base"])
-    runtime.add_adapter("hello", files["hello"])
-    model = runtime.loaded.model
-    view = model.with_adapter(runtime._adapters["hello"])
+    model = ReferenceRuntime(files["base"]).loaded.model
+    view = model.with_adapter(model.read_adapter(WeightFile(files["hello"])))
     assert view.layers is model.layers and view.globals is model.globals and model.adapter is None
     assert view.adapter.path == files["hello"] and any(view.adapter.layers)
 
@@ -90,9 +90,9 @@ def test_a_view_with_an_adapter_shares_every_base_weight(files):
 def test_runtime_refuses_unknown_and_repeated_names(files):
     runtime = ReferenceRuntime(files["base"])
     runtime.add_adapter("hello", files["hello"])
-    with pytest.raises(Exception, match=r"^no adapter named 'nope' \(adapters: hello; 'base' for the base model\)$"):
+    with pytest.raises(ConversionError, match=r"^no adapter named 'nope' \(adapters: hello; 'base' for the base model\)$"):
         runtime.generate(PROMPTS[0], GREEDY, "nope")
-    with pytest.raises(Exception, match=r"^--lora name 'hello' \(of .*\) is given twice; names must be unique$"):
+    with pytest.raises(ConversionError, match=r"^--lora name 'hello' \(of .*\) is given twice; names must be unique$"):
         runtime.add_adapter("hello", files["mlp"])
     assert runtime.adapters == ["hello"]
 
