@@ -94,15 +94,6 @@ def inspect(path: Path, as_json: bool, no_hash: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
 
 
-def parse_lora(value: str) -> tuple[str, Path]:
-    """`NAME=PATH` or `PATH` (named after the file)."""
-    name, separator, path = value.partition("=")
-    if not separator:
-        path = value
-        name = Path(value).stem.replace("-", "_").replace(".", "_")
-    return name, Path(path)
-
-
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH", help="LoRA weights file (repeatable).")
@@ -119,7 +110,7 @@ def parse_lora(value: str) -> tuple[str, Path]:
 def package(model: Path, loras, platform, output, pack_name, delivery, max_tokens, top_k, temperature,
             random_seed) -> None:
     """Lay out MODEL (.task or .bin) and LoRA files for an Android or iOS app, with manifests."""
-    from .package import package as make_package
+    from .package import package as make_package, parse_lora
 
     try:
         result = make_package(model, [parse_lora(v) for v in loras], platform, output, pack_name, delivery,

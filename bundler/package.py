@@ -40,6 +40,15 @@ NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 NAME_RULE = "use up to 64 letters, digits and _, starting with a letter"
 
 
+def parse_lora(value: str) -> tuple[str, Path]:
+    """`NAME=PATH` or `PATH` (named after the file)."""
+    name, separator, path = value.partition("=")
+    if not separator:
+        path = value
+        name = Path(value).stem.replace("-", "_").replace(".", "_")
+    return name, Path(path)
+
+
 @dataclass(frozen=True)
 class PackagedFile:
     name: str

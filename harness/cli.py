@@ -12,14 +12,34 @@ from converter.version import version_option
 from converter.supervisor import SupervisedCommand
 
 from .inputs import check_prompt, tolerant_stdout
+from .adapters import BASE, named_adapters, unknown_adapter
 
 DIRECTORY = click.Path(path_type=Path)
+
+
+def choose_adapter(named: list[tuple[str, Path]], adapter: str | None) -> str | None:
+    """The adapter the prompt runs with (None: the base): --adapter's, else the only --lora's."""
+    names = [name for name, _ in named]
+    if adapter is None:
+        if len(names) > 1:
+            raise ConversionError(f"--adapter NAME is required with several --lora: one of {', '.join(names)}, "
+                                  f"or {BASE} for the base model")
+        return names[0] if names else None
+    if adapter == BASE:
+        return None
+    if adapter not in names:
+        raise ConversionError(f"--adapter: {unknown_adapter(adapter, names)}")
+    return adapter
 
 
 @click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
-@click.option("--lora", type=click.Path(path_type=Path), default=None, help="LoRA weights .bin (loraPath).")
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",
+              help="LoRA weights .bin (loraPath); repeat for several adapters on the one base, each NAME=PATH "
+                   "(a bare PATH is named after its file).")
+@click.option("--adapter", default=None, metavar="NAME",
+              help=f"The --lora adapter to generate with, or '{BASE}' for none [default: the only --lora].")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="SentencePiece model or Hugging Face tokenizer folder [default: the one in the model file].")
 @click.option("--prompt", required=True)
@@ -34,22 +54,29 @@ DIRECTORY = click.Path(path_type=Path)
 @click.option("--hf-lora", type=DIRECTORY, default=None, help="With --compare: the PEFT adapter directory (with --lora).")
 @click.option("--tolerance", type=float, default=None,
               help="With --compare: relative difference that counts as wrong [default: per weight encoding].")
-def main(model, lora, tokenizer, prompt, max_tokens, top_k, temperature, random_seed,
+def main(model, loras, adapter, tokenizer, prompt, max_tokens, top_k, temperature, random_seed,
          compare, hf_model, hf_lora, tolerance) -> None:
     """Stream a generation to stdout and report tokens/s on stderr (or, with --compare, a layer-by-layer diff)."""
-    from .generate import Options, generate, load
+    from .generate import Options
+    from .runtime import ReferenceRuntime
 
     tolerant_stdout()
     try:
         options = Options(max_tokens, top_k, temperature, random_seed)
         check_prompt(prompt)
+        named = named_adapters(loras)
+        chosen = choose_adapter(named, adapter)
         if compare:
             from .compare import run_compare
 
+            lora = dict(named)[chosen] if chosen else None
             click.echo(run_compare(model, lora, tokenizer, prompt, hf_model, hf_lora, tolerance))
             return
-        loaded = load(model, lora, tokenizer, options)
-        result = generate(loaded, prompt, options, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        with ReferenceRuntime(model, tokenizer, options) as runtime:
+            for name, path in named:
+                runtime.add_adapter(name, path)
+            result = runtime.generate(prompt, options, chosen,
+                                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     except ConversionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -12,8 +12,9 @@ the converter wrote and nothing else.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from converter.tflite import WeightFile
 from .linear import Linear, load_linear
 
 Weights = dict[str, Linear | torch.Tensor]  # matrices as `Linear`, norm scales and biases as tensors
+LayerLora = dict[str, tuple[torch.Tensor, torch.Tensor]]  # slot -> (A, B)
+NO_LORA: LayerLora = {}
 
 
 def dims_from_parameters(params: llm_params_pb2.LlmParameters, path: Path) -> Dims:
@@ -95,17 +98,25 @@ def slot_of(rule: WeightRule) -> str:
     return rule.slot
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA weights file's matrices, one `LayerLora` per layer: kept apart from the base weights and
+    added to the base's products (`x W^T + (x A^T) B^T`) by the model that holds it."""
+
+    path: Path
+    layers: tuple[LayerLora, ...]
+
+
 @dataclass
 class Layer:
     weights: Weights  # by slot: q, k, v, o, gate, up, down, norms, "<slot>.bias"
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slot -> (A, B)
 
-    def linear(self, slot: str, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, slot: str, x: torch.Tensor, lora: LayerLora = NO_LORA) -> torch.Tensor:
         y = self.weights[slot](x)
         if f"{slot}.bias" in self.weights:
             y = y + self.weights[f"{slot}.bias"]
-        if slot in self.lora:
-            a, b = self.lora[slot]
+        if slot in lora:
+            a, b = lora[slot]
             y = y + (x @ a.T) @ b.T
         return y
 
@@ -174,7 +185,8 @@ class LayerKind:
 
 class ReferenceModel:
     """The forward pass a family's data and the file's LlmParameters describe, over a base weights
-    file and an optional LoRA weights file."""
+    file and an optional LoRA weights file (its `adapter`; `with_adapter` switches it without
+    reading the base again)."""
 
     def __init__(self, base: WeightFile, lora: WeightFile | None = None):
         self.family = family_of(base)
@@ -196,8 +208,14 @@ class ReferenceModel:
         self.kinds = [self._layer_kind(i) for i in range(d.num_layers)]
         self.scale = attention_scale(d, self.t)
         self.act = activation(self.t.feed_forward_parameters.activation, self.arch)
-        if lora is not None:
-            self._attach_lora(lora)
+        self.adapter = self.read_adapter(lora) if lora is not None else None
+
+    def with_adapter(self, adapter: Adapter | None) -> ReferenceModel:
+        """This model with `adapter` (None: the base alone): a view that shares every base weight,
+        so switching adapters copies and reads nothing."""
+        view = copy.copy(self)
+        view.adapter = adapter
+        return view
 
     def _layer_kind(self, index: int) -> LayerKind:
         """Gemma 3's pattern: `num_local_layers_per_global` sliding-window layers, then one global layer
@@ -210,7 +228,8 @@ class ReferenceModel:
             return LayerKind(theta, scaling, 0)
         return LayerKind(self.arch.rope_theta, 1.0, window)
 
-    def _attach_lora(self, lora: WeightFile) -> None:
+    def read_adapter(self, lora: WeightFile) -> Adapter:
+        """A LoRA weights file's matrices, checked against this base (model type, dimensions, sizes)."""
         rank = lora.lora_rank
         if rank is None:
             raise ConversionError(f"--lora {lora.path}: a base model's weights file, not a LoRA weights file")
@@ -229,7 +248,10 @@ class ReferenceModel:
         d = self.dims
         itemsize = LORA_FLOAT_BYTES[self.family.lora_float]
         slots = {rule.hf.removesuffix(".weight"): slot_of(rule) for rule in self.family.layer}
-        for i, layer in enumerate(self.layers):
+        layers: list[LayerLora] = []
+        for i in range(d.num_layers):
+            layer: LayerLora = {}
+            layers.append(layer)
             prefix = self.family.mp_layer_prefix.format(i=i)
             for rule in self.family.lora:
                 a_name, b_name = f"{prefix}{rule.mp}.{rule.a_name}", f"{prefix}{rule.mp}.{rule.b_name}"
@@ -242,10 +264,11 @@ class ReferenceModel:
                         found = "is missing" if entry is None else f"has {entry.nbytes} bytes"
                         raise ConversionError(f"--lora {lora.path}: tensor {name} {found}, expected a [{rows}, {cols}] "
                                               f"{self.family.lora_float} matrix (rank {rank} in its metadata)")
-                layer.lora[slots[rule.hf_module]] = (lora.matrix(a_name, rank, in_features),
-                                                     lora.matrix(b_name, out_features, rank))
-        if not any(layer.lora for layer in self.layers):
+                layer[slots[rule.hf_module]] = (lora.matrix(a_name, rank, in_features),
+                                                lora.matrix(b_name, out_features, rank))
+        if not any(layers):
             raise ConversionError(f"--lora {lora.path}: no LoRA tensor of a {self.base_type} model in it")
+        return Adapter(lora.path, tuple(layers))
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind) -> torch.Tensor:
         """Rotate-half rotary embedding on the first `rotary_fraction` of each head."""
@@ -258,12 +281,12 @@ class ReferenceModel:
         rotated = torch.cat([-head[..., half:], head[..., :half]], -1)
         return torch.cat([head * cos[None] + rotated * sin[None], rest], -1)
 
-    def _attention(self, layer: Layer, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind,
+    def _attention(self, layer: Layer, lora: LayerLora, x: torch.Tensor, positions: torch.Tensor, kind: LayerKind,
                    cached: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
         d, t = self.dims, self.t
-        q = layer.linear("q", x).view(-1, d.num_heads, d.head_dim).transpose(0, 1)
-        k = layer.linear("k", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
-        v = layer.linear("v", x).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
+        q = layer.linear("q", x, lora).view(-1, d.num_heads, d.head_dim).transpose(0, 1)
+        k = layer.linear("k", x, lora).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
+        v = layer.linear("v", x, lora).view(-1, d.num_kv_heads, d.head_dim).transpose(0, 1)
         if t.self_attention_parameters.qk_norm:
             q = normalize(TP.RMS_NORM, q, layer.weights, "q_norm", self.arch)
             k = normalize(TP.RMS_NORM, k, layer.weights, "k_norm", self.arch)
@@ -282,12 +305,12 @@ class ReferenceModel:
         allowed = (distance >= 0) & ((distance < kind.window) if kind.window else True)
         scores = scores.masked_fill(~allowed, float("-inf"))
         attention = (scores.softmax(-1) @ values).transpose(0, 1).reshape(len(positions), -1)
-        return layer.linear("o", attention), (k, v)
+        return layer.linear("o", attention, lora), (k, v)
 
-    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(layer.linear("gate", x)) * layer.linear("up", x) if self.arch.gated_mlp \
-            else self.act(layer.linear("up", x))
-        return layer.linear("down", hidden)
+    def _mlp(self, layer: Layer, lora: LayerLora, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(layer.linear("gate", x, lora)) * layer.linear("up", x, lora) if self.arch.gated_mlp \
+            else self.act(layer.linear("up", x, lora))
+        return layer.linear("down", hidden, lora)
 
     def forward(self, ids: list[int], cache: list | None = None, hidden: list[torch.Tensor] | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, list]:
@@ -304,18 +327,19 @@ class ReferenceModel:
         if arch.scale_embedding:
             h = h * math.sqrt(d.hidden_size)
         record(h)
-        for index, layer in enumerate(self.layers):
+        loras = self.adapter.layers if self.adapter is not None else (NO_LORA,) * d.num_layers
+        for index, (layer, lora) in enumerate(zip(self.layers, loras, strict=True)):
             x = normalize(t.pre_norm, h, layer.weights, "attn_norm", arch)
-            attention, cache[index] = self._attention(layer, x, positions, self.kinds[index], cache[index])
+            attention, cache[index] = self._attention(layer, lora, x, positions, self.kinds[index], cache[index])
             attention = normalize(t.post_norm, attention, layer.weights, "attn_post_norm", arch)
             if arch.parallel_residual:
                 mlp_input = x if ff.pre_norm in (TP.NO_NORM, TP.NORM_UNSPECIFIED) \
                     else normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch)
-                h = h + attention + normalize(ff.post_norm, self._mlp(layer, mlp_input), layer.weights,
+                h = h + attention + normalize(ff.post_norm, self._mlp(layer, lora, mlp_input), layer.weights,
                                               "mlp_post_norm", arch)
             else:
                 h = h + attention
-                mlp = self._mlp(layer, normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch))
+                mlp = self._mlp(layer, lora, normalize(ff.pre_norm, h, layer.weights, "mlp_norm", arch))
                 h = h + normalize(ff.post_norm, mlp, layer.weights, "mlp_post_norm", arch)
             record(h)
         h = normalize(t.final_norm, h[-1:] if last_only else h, self.globals, "final_norm", arch)

@@ -1,0 +1,86 @@
+"""One interface over the runtimes `lora-run` drives: a base model loaded once, LoRA adapters added
+by name, and each generation run with one of them or with none (the base). `lora-run`'s clients
+(prompting, evaluation, serving) talk to a `Runtime`, never to a runtime's own calls;
+`ReferenceRuntime` is the reference CPU runtime's implementation.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+from converter.errors import ConversionError
+from converter.files import regular_file
+from converter.tflite import WeightFile
+
+from .adapters import BASE, check_adapter_name, unknown_adapter
+from .generate import Generation, LoadedModel, Options, generate, load
+from .inputs import check_prompt
+from .reference import Adapter
+
+OnText = Callable[[str], object]
+Handle = TypeVar("Handle")  # what a runtime keeps per adapter (its weights, a runtime's own handle)
+Self = TypeVar("Self", bound="Runtime")
+
+
+class Runtime(ABC, Generic[Handle]):
+    """A base model loaded once, with named LoRA adapters chosen per request; a context manager.
+
+    An implementation loads the base in its constructor and gives `_load_adapter` (read and check a
+    LoRA file against the base, return what `_generate` needs to apply it) and `_generate`; names,
+    lookups and the prompt's check are common."""
+
+    def __init__(self) -> None:
+        self._adapters: dict[str, Handle] = {}
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters' names, in the order they were added."""
+        return list(self._adapters)
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        check_adapter_name(name, path, self.adapters)
+        self._adapters[name] = self._load_adapter(Path(path))
+
+    def generate(self, prompt: str, options: Options, adapter: str | None = None,
+                 on_text: OnText | None = None) -> Generation:
+        """Generate from `prompt` with the named adapter (None or `base`: the base model alone),
+        calling `on_text(piece)` with each new piece of text as it is decoded."""
+        check_prompt(prompt)
+        if adapter is None or adapter == BASE:
+            return self._generate(prompt, options, None, on_text)
+        if adapter not in self._adapters:
+            raise ConversionError(unknown_adapter(adapter, self.adapters))
+        return self._generate(prompt, options, self._adapters[adapter], on_text)
+
+    @abstractmethod
+    def _load_adapter(self, path: Path) -> Handle: ...
+
+    @abstractmethod
+    def _generate(self, prompt: str, options: Options, adapter: Handle | None, on_text: OnText | None) -> Generation: ...
+
+    def close(self) -> None:
+        """Release what the runtime holds (a browser, an engine); safe to call twice."""
+
+    def __enter__(self: Self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ReferenceRuntime(Runtime[Adapter]):
+    """The reference CPU runtime: the base weights read once; each adapter's LoRA matrices are kept
+    apart and added to the base's products only in the generations that choose it."""
+
+    def __init__(self, model: Path, tokenizer: Path | None = None, options: Options | None = None):
+        super().__init__()
+        self.loaded: LoadedModel = load(model, None, tokenizer, options)
+
+    def _load_adapter(self, path: Path) -> Adapter:
+        return self.loaded.model.read_adapter(WeightFile(regular_file(path, "--lora")))
+
+    def _generate(self, prompt: str, options: Options, adapter: Adapter | None, on_text: OnText | None) -> Generation:
+        loaded = replace(self.loaded, model=self.loaded.model.with_adapter(adapter))
+        return generate(loaded, prompt, options, on_text)
