@@ -29,6 +29,8 @@ def named_adapters(values: list[str] | tuple[str, ...]) -> list[tuple[str, Path]
     named: list[tuple[str, Path]] = []
     for value in values:
         name, path = parse_lora(value)
+        if len(values) == 1 and "=" not in value and (name == BASE or not NAME.fullmatch(name)):
+            name = "adapter"  # a lone adapter is never chosen by name, so its file name may be anything
         check_adapter_name(name, path, [taken for taken, _ in named])
         named.append((name, regular_file(path, "--lora")))
     return named

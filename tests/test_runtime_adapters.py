@@ -7,6 +7,7 @@ give exactly what separate single-adapter runs give, without reading the base ag
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,15 @@ def test_cli_runs_the_chosen_adapter_of_several(files, alone):
         result = run("--model", base, "--lora", hello, "--prompt", prompt, "--max-tokens", MAX_TOKENS,
                      "--temperature", 0, *extra)
         assert result.exit_code == 0 and result.stdout.strip() == alone["hello", prompt][1], result.output
+
+
+def test_cli_a_lone_adapter_file_may_have_any_name(files, alone, tmp_path):
+    """Its name is never used to choose it, so `7b base.bin` or `base.bin` still run (named "adapter")."""
+    for name in ("7b base.bin", "base.bin"):
+        renamed = Path(shutil.copy(files["hello"], tmp_path / name))
+        result = run("--model", files["base"], "--lora", renamed, "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS,
+                     "--temperature", 0)
+        assert result.exit_code == 0 and result.stdout.strip() == alone["hello", PROMPTS[0]][1], result.output
 
 
 def test_cli_bad_adapter_names_are_one_line_before_anything_loads(files, monkeypatch):
