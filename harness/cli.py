@@ -32,7 +32,27 @@ def choose_adapter(named: list[tuple[str, Path]], adapter: str | None) -> str | 
     return adapter
 
 
-@click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
+def _eval() -> click.Command:
+    from .eval_cli import eval_command
+
+    return eval_command
+
+
+SUBCOMMANDS = {"eval": _eval}  # `lora-run NAME ...`: a command of its own, loaded when named
+
+
+class RunCommand(SupervisedCommand):
+    """`lora-run`, whose first argument may instead name one of SUBCOMMANDS (`lora-run eval ...`)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[args[0]]().main(args[1:], f"{prog_name or 'lora-run'} {args[0]}", **extra)
+        return super().main(args, prog_name, **extra)
+
+
+@click.command(cls=RunCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Also: lora-run eval DATA.jsonl --model ... (scores on supervised examples; see its --help).")
 @version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",

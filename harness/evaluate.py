@@ -1,0 +1,108 @@
+"""`lora-run eval`'s work: each model file loaded once, greedy generation for every example with
+the base and with each adapter, scored against the references; per model and adapter the mean
+scores, and how much every model after the first differs from it (int8 vs int4 of one base)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bundler.task import TaskFile, file_kind
+from converter.errors import ConversionError
+from converter.runtime_options import RuntimeOptions as Options
+
+from .adapters import BASE
+from .eval_data import Example
+from .metrics import METRICS, Scores, score
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template as a .task's LlmParameters holds it: a session prefix once, each user
+    turn between a prefix and a suffix (earlier assistant and system turns end with a newline)."""
+
+    session: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+    def render(self, example: Example) -> str:
+        parts = [self.session]
+        for turn in example.turns:
+            parts.append(f"{self.prefix}{turn.content}{self.suffix}" if turn.role == "user" else f"{turn.content}\n")
+        return "".join(parts)
+
+
+def model_template(model: Path, prefix: str | None, suffix: str | None) -> Template:
+    """The given prefix and suffix if either is given, else a .task bundle's own template."""
+    if prefix is not None or suffix is not None:
+        return Template("", prefix or "", suffix or "")
+    if file_kind(model) != "task":
+        return Template()
+    template = TaskFile(model).metadata().prompt_template
+    return Template(template.session_prefix, template.prompt_prefix, template.prompt_suffix)
+
+
+@dataclass(frozen=True)
+class Result:
+    line: int
+    model: str
+    adapter: str
+    output: str
+    scores: Scores
+
+
+@dataclass
+class Evaluation:
+    models: list[str]
+    adapters: list[str]  # BASE first
+    results: list[Result] = field(default_factory=list)
+
+    def of(self, model: str, adapter: str) -> list[Result]:
+        return [r for r in self.results if r.model == model and r.adapter == adapter]
+
+    def mean(self, model: str, adapter: str) -> dict[str, float]:
+        results = self.of(model, adapter)
+        return {m: sum(getattr(r.scores, m) for r in results) / len(results) for m in METRICS}
+
+    def differences(self) -> list[dict]:
+        """For each later model and adapter: its mean scores minus the first model's, and on how many
+        examples its output is not the first model's."""
+        first = self.models[0]
+        rows = []
+        for model in self.models[1:]:
+            for adapter in self.adapters:
+                ours, theirs = self.mean(model, adapter), self.mean(first, adapter)
+                changed = sum(a.output != b.output for a, b in zip(self.of(model, adapter), self.of(first, adapter)))
+                rows.append({"model": model, "reference_model": first, "adapter": adapter,
+                             **{m: ours[m] - theirs[m] for m in METRICS}, "changed_outputs": changed})
+        return rows
+
+
+def model_labels(models: list[Path]) -> list[str]:
+    """Short names for the model files: their file names, or their paths where two share a name."""
+    names = [m.name for m in models]
+    return [m.name if names.count(m.name) == 1 else str(m) for m in models]
+
+
+def evaluate(models: list[Path], adapters: list[tuple[str, Path]], examples: list[Example], max_tokens: int,
+             prefix: str | None, suffix: str | None, step: Callable[[], object] = lambda: None) -> Evaluation:
+    """Greedy generation for every model, adapter (the base first) and example; `step()` after each."""
+    from .runtime import ReferenceRuntime
+
+    options = Options(max_tokens, top_k=1, temperature=0.0)
+    evaluation = Evaluation(model_labels(models), [BASE] + [name for name, _ in adapters])
+    for model, label in zip(models, evaluation.models):
+        template = model_template(model, prefix, suffix)
+        with ReferenceRuntime(model, None, options) as runtime:
+            for name, path in adapters:
+                runtime.add_adapter(name, path)
+            for adapter in evaluation.adapters:
+                for example in examples:
+                    try:
+                        output = runtime.generate(template.render(example), options, adapter).text
+                    except ConversionError as exc:
+                        raise ConversionError(f"line {example.line} ({label}, {adapter}): {exc}") from None
+                    evaluation.results.append(Result(example.line, label, adapter, output,
+                                                     score(output, example.reference)))
+                    step()
+    return evaluation
