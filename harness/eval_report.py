@@ -66,7 +66,7 @@ def _chart(aggregate: list[dict], many: bool) -> str:
     group = bar * len(METRICS) + gap
     width = max(left + group * len(aggregate) + gap, left + 110 * len(METRICS))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + height + 60}" '
-             f'role="img" aria-label="mean scores per model and adapter">']
+             f'style="overflow:visible" role="img" aria-label="mean scores per model and adapter">']
     for tick in (0, 0.5, 1):
         y = top + height * (1 - tick)
         parts.append(f'<line x1="{left}" x2="{width}" y1="{y}" y2="{y}" stroke="#ccc"/>'
@@ -96,9 +96,10 @@ def as_html(document: dict, source: str) -> str:
     means = [cells(["model", "adapter", "examples"] + [TITLES[m] for m in METRICS], "th")]
     means += [cells([a["model"], a["adapter"], str(a["examples"])] + [f"{a[m]:.3f}" for m in METRICS])
               for a in document["aggregate"]]
-    rows = [cells(["line", "model", "adapter"] + [TITLES[m] for m in METRICS] + ["output"], "th")]
-    rows += [cells([str(r["line"]), r["model"], r["adapter"]] + [f"{r[m]:.2f}" for m in METRICS] + [r["output"]])
-             for r in document["results"]]
+    references = {e["line"]: e["reference"] for e in document["examples"]}
+    rows = [cells(["line", "model", "adapter"] + [TITLES[m] for m in METRICS] + ["output", "reference"], "th")]
+    rows += [cells([str(r["line"]), r["model"], r["adapter"]] + [f"{r[m]:.2f}" for m in METRICS]
+                   + [r["output"], references[r["line"]]]) for r in document["results"]]
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lora-run eval</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;white-space:pre-wrap}</style></head><body>"
