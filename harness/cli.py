@@ -32,7 +32,19 @@ def choose_adapter(named: list[tuple[str, Path]], adapter: str | None) -> str | 
     return adapter
 
 
-@click.command(cls=SupervisedCommand, context_settings={"help_option_names": ["-h", "--help"]})
+class RunCommand(SupervisedCommand):
+    """`lora-run --model ... --prompt ...`, or `lora-run serve ...` when its first argument names a subcommand."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] == "serve":
+            from .serve_cli import serve
+
+            return serve.main(args[1:], prog_name=f"{prog_name or 'lora-run'} serve", **kwargs)
+        return super().main(args, prog_name, **kwargs)
+
+
+@click.command(cls=RunCommand, epilog="Also: lora-run serve --help (an HTTP server).", context_settings={"help_option_names": ["-h", "--help"]})
 @version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",
