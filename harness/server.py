@@ -98,6 +98,7 @@ class Server:
         self.runtime, self.settings = runtime, settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-run-generate")
         self.waiting = 0
+        self.streaming: set[asyncio.Future] = set()
         self.app = Starlette(routes=[
             Route("/generate", self.generate, methods=["POST"]),
             Route("/generate_stream", self.generate_stream, methods=["POST"]),
@@ -149,6 +150,8 @@ class Server:
             pieces.put_nowait(result)
 
         task = asyncio.ensure_future(finish())
+        self.streaming.add(task)  # asyncio holds tasks weakly
+        task.add_done_callback(self.streaming.discard)
         try:
             while True:
                 item = await pieces.get()
@@ -156,8 +159,7 @@ class Server:
                 if not isinstance(item, str):
                     return
         finally:
-            job.cancelled.set()
-            await asyncio.shield(task)
+            job.cancelled.set()  # a client gone: the worker stops at its next piece
 
     # --- requests ---
 

@@ -17,7 +17,7 @@ import pytest
 
 from bundler.task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
 from harness.runtime import ReferenceRuntime
-from harness.server import Server, Settings, bind, http_server, url_of
+from harness.server import Job, Server, Settings, bind, http_server, url_of
 from harness.template import PromptTemplate, template_of
 
 from .conftest import ROOT
@@ -108,6 +108,25 @@ def test_chat_completions_model_names_the_adapter(url, alone):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     refused = chat("nope")
     assert refused.status_code == 404 and "no adapter named 'nope'" in refused.json()["error"]["message"]
+
+
+def test_a_stop_sequence_over_two_pieces_ends_the_text_there_and_a_cancelled_job_stops():
+    shown: list[str] = []
+    job = Job("p", GREEDY, None, stops=("xyz", "five six"), emit=shown.append)
+    job.on_text("four fi")
+    with pytest.raises(Exception) as stopped:
+        job.on_text("ve six seven")
+    assert job.text == "four five six" == "".join(shown) and job.finish == "stop_sequence"
+    job = Job("p", GREEDY, None)
+    job.cancelled.set()
+    with pytest.raises(type(stopped.value)):
+        job.on_text("a")
+
+
+def test_a_client_leaving_a_stream_early_leaves_the_server_answering(url, alone):
+    with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": PROMPTS[0]}, timeout=60) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    assert generate(url, PROMPTS[0], "mlp").json()["generated_text"] == alone["mlp", PROMPTS[0]][1]
 
 
 def test_health_and_info(url):
