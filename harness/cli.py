@@ -38,7 +38,13 @@ def _eval() -> click.Command:
     return eval_command
 
 
-SUBCOMMANDS = {"eval": _eval}  # `lora-run NAME ...`: a command of its own, loaded when named
+def _serve() -> click.Command:
+    from .serve_cli import serve
+
+    return serve
+
+
+SUBCOMMANDS = {"eval": _eval, "serve": _serve}  # `lora-run NAME ...`: a command of its own, loaded when named
 
 
 class RunCommand(SupervisedCommand):
@@ -52,7 +58,8 @@ class RunCommand(SupervisedCommand):
 
 
 @click.command(cls=RunCommand, context_settings={"help_option_names": ["-h", "--help"]},
-               epilog="Also: lora-run eval DATA.jsonl --model ... (scores on supervised examples; see its --help).")
+               epilog="Also: lora-run eval DATA.jsonl --model ... (scores on supervised examples) and lora-run serve "
+                      "--model ... (a local HTTP server); see their --help.")
 @version_option("lora-run")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
 @click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",

@@ -15,7 +15,7 @@ from converter.files import regular_file
 from converter.tflite import WeightFile
 
 from .adapters import BASE, check_adapter_name, unknown_adapter
-from .generate import Generation, LoadedModel, Options, generate, load
+from .generate import Generation, LoadedModel, Options, generate, load, prompt_ids
 from .inputs import check_prompt
 from .reference import Adapter
 
@@ -55,6 +55,10 @@ class Runtime(ABC, Generic[Handle]):
         return self._generate(prompt, options, self._adapters[adapter], on_text)
 
     @abstractmethod
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens of the KV cache (--max-tokens) the prompt takes, start token included."""
+
+    @abstractmethod
     def _load_adapter(self, path: Path) -> Handle: ...
 
     @abstractmethod
@@ -77,6 +81,9 @@ class ReferenceRuntime(Runtime[Adapter]):
     def __init__(self, model: Path, tokenizer: Path | None = None, options: Options | None = None):
         super().__init__()
         self.loaded: LoadedModel = load(model, None, tokenizer, options)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(prompt_ids(self.loaded, prompt))
 
     def _load_adapter(self, path: Path) -> Adapter:
         return self.loaded.model.read_adapter(WeightFile(regular_file(path, "--lora")))
