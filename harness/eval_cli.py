@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from bundler.cli import unescape
 from converter.errors import ConversionError
 from converter.files import atomic_output, check_output, refuse_overwrite, regular_file
 from converter.runtime_options import DEFAULTS
@@ -69,8 +68,8 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
             click.echo(f"warning: {data} line {line}: {why}; skipped", err=True)
         total = len(checked) * (1 + len(named)) * len(examples.examples)
         with tqdm(total=total, desc="eval", unit="generation", file=sys.stderr, disable=None, leave=False) as bar:
-            evaluation = evaluate(checked, named, examples.examples, max_tokens, unescape(prompt_prefix),
-                                  unescape(prompt_suffix), lambda: bar.update())
+            evaluation = evaluate(checked, named, examples.examples, max_tokens, prompt_prefix, prompt_suffix,
+                                  lambda: bar.update())
         document = json_document(evaluation, examples)
         if report is not None:
             with atomic_output(report, "--report") as handle:

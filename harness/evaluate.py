@@ -7,39 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bundler.task import TaskFile, file_kind
 from converter.errors import ConversionError
 from converter.runtime_options import RuntimeOptions as Options
 
 from .adapters import BASE
 from .eval_data import Example
 from .metrics import METRICS, Scores, score
-
-
-@dataclass(frozen=True)
-class Template:
-    """A prompt template as a .task's LlmParameters holds it: a session prefix once, each user
-    turn between a prefix and a suffix (earlier assistant and system turns end with a newline)."""
-
-    session: str = ""
-    prefix: str = ""
-    suffix: str = ""
-
-    def render(self, example: Example) -> str:
-        parts = [self.session]
-        for turn in example.turns:
-            parts.append(f"{self.prefix}{turn.content}{self.suffix}" if turn.role == "user" else f"{turn.content}\n")
-        return "".join(parts)
-
-
-def model_template(model: Path, prefix: str | None, suffix: str | None) -> Template:
-    """The given prefix and suffix if either is given, else a .task bundle's own template."""
-    if prefix is not None or suffix is not None:
-        return Template("", prefix or "", suffix or "")
-    if file_kind(model) != "task":
-        return Template()
-    template = TaskFile(model).metadata().prompt_template
-    return Template(template.session_prefix, template.prompt_prefix, template.prompt_suffix)
+from .template import template_of
 
 
 @dataclass(frozen=True)
@@ -92,14 +66,14 @@ def evaluate(models: list[Path], adapters: list[tuple[str, Path]], examples: lis
     options = Options(max_tokens, top_k=1, temperature=0.0)
     evaluation = Evaluation(model_labels(models), [BASE] + [name for name, _ in adapters])
     for model, label in zip(models, evaluation.models):
-        template = model_template(model, prefix, suffix)
+        template = template_of(model, prefix, suffix)
         with ReferenceRuntime(model, None, options) as runtime:
             for name, path in adapters:
                 runtime.add_adapter(name, path)
             for adapter in evaluation.adapters:
                 for example in examples:
                     try:
-                        output = runtime.generate(template.render(example), options, adapter).text
+                        output = runtime.generate(template.chat([(turn.role, turn.content) for turn in example.turns]), options, adapter).text
                     except ConversionError as exc:
                         raise ConversionError(f"line {example.line} ({label}, {adapter}): {exc}") from None
                     evaluation.results.append(Result(example.line, label, adapter, output,

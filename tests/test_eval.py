@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from converter.errors import ConversionError
 from harness.cli import main
 from harness.eval_data import Example, Turn, read_examples
-from harness.evaluate import Template
+from harness.template import PromptTemplate
 from harness.metrics import score
 
 from .conftest import FIXTURES
@@ -157,4 +157,5 @@ def test_scores_and_template():
     assert score("", "").exact_match == 1.0 and score("", "b").f1 == 0.0
     example = Example(1, "chat", (Turn("system", "be brief"), Turn("user", "hi"), Turn("assistant", "yo"),
                                   Turn("user", "again")), "ok")
-    assert Template("S:", "<u>", "</u>").render(example) == "S:be brief\n<u>hi</u>yo\n<u>again</u>"
+    turns = [(turn.role, turn.content) for turn in example.turns]
+    assert PromptTemplate("S:", "<u>", "</u>").chat(turns) == "be brief<u>hi</u>yo<u>again</u>"
