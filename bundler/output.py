@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from converter.errors import ConversionError
-from converter.files import check_name_lengths, read_json_object, report_partial
+from converter.files import check_name_lengths, read_json_object, report_partial, signals_held
 
 NAME_MAX = 255  # bytes in a file name (ext4, APFS, zip tools)
 # Control characters, and what Windows, FAT (Android's shared storage) or zip tools cannot hold.
@@ -96,28 +96,36 @@ def new_folder(beside: Path, suffix: str) -> Path:
 @contextmanager
 def staged_folder(output: Path) -> Iterator[Path]:
     """A new folder beside `output` to fill; when the block succeeds it takes the place of
-    `output` (an earlier one is removed), on any failure or signal it is deleted."""
+    `output` (an earlier one is removed), on any failure or signal it is deleted. Signals are held
+    while the folder is made and recorded and while the folders are swapped, so a signal never
+    lands between a step and its cleanup."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        stage = new_folder(output, ".partial")
-        report_partial(stage)
     except OSError as exc:
         raise ConversionError(f"--output {output}: cannot create ({exc.strerror})") from None
+    stage: Path | None = None
     try:
+        with signals_held():
+            stage = new_folder(output, ".partial")
+            report_partial(stage)
         yield stage
-        if output.exists():
-            old = new_folder(output, ".old")
-            os.replace(output, old)
-            try:
+        with signals_held():
+            if output.exists():
+                old = new_folder(output, ".old")
+                os.replace(output, old)
+                try:
+                    os.replace(stage, output)
+                except BaseException:
+                    os.replace(old, output)
+                    raise
+                stage = None
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(stage, output)
-            except BaseException:
-                os.replace(old, output)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
+                stage = None
     except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         if isinstance(exc, OSError):
             raise ConversionError(f"--output {output}: cannot write ({exc.strerror})") from None
         raise
