@@ -1580,7 +1580,11 @@ def _child(tool: str, argv: list[str], cwd: str, stdout: str, stderr: str) -> No
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
     module, name = TOOLS[tool]
     main = getattr(importlib.import_module(module), name)
-    main(args=SUBCOMMANDS.get(tool, []) + argv, prog_name=f"lora-{tool}")  # supervised, as the console script runs
+    try:
+        main(args=SUBCOMMANDS.get(tool, []) + argv, prog_name=f"lora-{tool}")  # supervised, as the console script runs
+    except SystemExit as exc:  # the status as the tool gave it (see finish)
+        Path(stdout).with_name("status").write_text(str(exc.code if isinstance(exc.code, int) else 1))
+        raise
 
 
 def start(tool: str, argv: list[str], cwd: Path, tag: str = "") -> tuple[multiprocessing.Process, Path, Path]:
@@ -1598,6 +1602,9 @@ def finish(process: multiprocessing.Process, stdout: Path, stderr: Path, deadlin
         process.kill()
         process.join()
         code = None
+    elif code == 255 and (stdout.parent / "status").exists():
+        # multiprocessing reports 255 when it loses the forkserver's status message; the tool's own is kept
+        code = int((stdout.parent / "status").read_text())
     result = Result(code, stdout.read_text(errors="replace") if stdout.exists() else "",
                     stderr.read_text(errors="replace") if stderr.exists() else "")
     shutil.rmtree(stdout.parent, ignore_errors=True)
