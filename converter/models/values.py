@@ -51,34 +51,29 @@ def optional_number(config: dict, key: str, default: Any, **limits: Any) -> floa
     return None if config.get(key, default) is None else number(config, key, default, **limits)
 
 
-def flag(config: dict, key: str, default: bool, *, source: str = SOURCE) -> bool:
-    """A boolean; null counts as the default."""
+def _of_type(config: dict, key: str, default: Any, kind: type, expected: str, source: str) -> Any:
+    """The value at `key` if it is a `kind`; null or absent gives `default`."""
     value = config.get(key)
     if value is None:
         return default
-    if not isinstance(value, bool):
-        raise ConversionError(f"{source}: {key} must be true or false, got {shown(value)}")
+    if not isinstance(value, kind):
+        raise ConversionError(f"{source}: {key} must be {expected}, got {shown(value)}")
     return value
+
+
+def flag(config: dict, key: str, default: bool, *, source: str = SOURCE) -> bool:
+    """A boolean; null counts as the default."""
+    return _of_type(config, key, default, bool, "true or false", source)
 
 
 def text(config: dict, key: str, default: str, *, source: str = SOURCE) -> str:
     """A string; null counts as the default."""
-    value = config.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise ConversionError(f"{source}: {key} must be a string, got {shown(value)}")
-    return value
+    return _of_type(config, key, default, str, "a string", source)
 
 
 def mapping(config: dict, key: str, *, source: str = SOURCE) -> dict:
     """A JSON object; absent or null is an empty one."""
-    value = config.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConversionError(f"{source}: {key} must be a JSON object, got {shown(value)}")
-    return value
+    return _of_type(config, key, {}, dict, "a JSON object", source)
 
 
 def strings(config: dict, key: str, *, source: str = SOURCE) -> list[str] | None:
