@@ -67,11 +67,8 @@ def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], pat
 def pin_system_metadata(handle: BinaryIO) -> None:
     """Replace the header's random uuid and creation time (see the module docstring) in the
     container just written to `handle`; the sections do not move."""
-    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
-    header_end = int.from_bytes(handle.read(8), "little")
+    header, header_end = read_header(handle)
     start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
-    handle.seek(start)
-    header = schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0)
     first_section = min(section.beginOffset for section in header.sectionMetadata.objects)
     digest = hashlib.sha256()
     handle.seek(first_section)
@@ -90,3 +87,26 @@ def pin_system_metadata(handle: BinaryIO) -> None:
     handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
     handle.write((start + len(packed)).to_bytes(8, "little"))
     handle.write(packed.ljust(max(header_end - start, len(packed)), b"\0"))
+
+
+def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
+    """A .litertlm container's header (its sections' types, places and metadata) and where it ends."""
+    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
+    header_end = int.from_bytes(handle.read(8), "little")
+    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
+    handle.seek(start)
+    return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
+
+
+def model_types(path: Path) -> list[str]:
+    """The `model_type` of each TFLiteModel section of a .litertlm (`tf_lite_artisan_text_decoder`:
+    GPU weights for LiteRT-LM's GPU executor; `tf_lite_prefill_decode`: prefill/decode graphs)."""
+    try:
+        with open(path, "rb") as handle:
+            header = read_header(handle)[0]
+        sections = header.sectionMetadata.objects or []
+        return [item.value.value.decode("utf-8", "replace") for section in sections
+                if section.dataType == schema.AnySectionDataType.TFLiteModel
+                for item in section.items or [] if item.key == b"model_type"]
+    except Exception:  # flatbuffers raises whatever a malformed header leads it to
+        raise ConversionError(f"{path}: not a readable .litertlm container (its header is malformed)") from None

@@ -1,0 +1,183 @@
+"""`--runtime litertlm`: Google's LiteRT-LM engine (`pip install 'lora-convert[litertlm]'`) on a
+`.litertlm` bundle, `--backend gpu` (our GPU weights, `lora-bundle --format litertlm`) or
+`--backend cpu` (prefill/decode graphs), each LoRA `.bin` given to the session it generates in.
+
+The engine runs in a worker process (harness/litertlm_worker.py): its native code can abort or
+hang, so every answer has a deadline, past which the worker is killed, and a worker that dies is
+one line naming what it was doing. One engine serves every adapter: each generation opens a
+session with its adapter's LoRA (or none), so switching never reloads the base.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundler.litertlm import model_types
+from bundler.task import file_kind
+from converter.errors import ConversionError
+from converter.files import regular_file
+from converter.tflite import WeightFile
+
+from .generate import Generation, Options, check_room
+from .runtime import OnText, Runtime
+
+INSTALL = "pip install 'lora-convert[litertlm]'"
+MODEL_TYPES = {"gpu": "tf_lite_artisan_text_decoder", "cpu": "tf_lite_prefill_decode"}
+WHAT = {"tf_lite_artisan_text_decoder": "GPU weights", "tf_lite_prefill_decode": "prefill/decode graphs"}
+NOISE = ("XDG_RUNTIME_DIR",)  # stderr lines of the GPU stack that say nothing about the failure
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds the worker may take: to make the engine, and per answer while generating (the first
+    piece includes compiling the GPU shaders: about 20 s for a tiny model on SwiftShader)."""
+
+    start: float = 300.0
+    answer: float = 600.0
+
+
+def check_model(model: Path, backend: str) -> Path:
+    """A .litertlm whose model section the backend runs; anything else is one line saying what to give."""
+    regular_file(model, "--model")
+    kind = file_kind(model)
+    if kind != "litertlm":
+        what = "a .task bundle" if kind == "task" else "not a .litertlm bundle"
+        raise ConversionError(f"--model {model}: --runtime litertlm takes a .litertlm bundle, this is {what}; make one "
+                              "with lora-bundle --format litertlm --tflite-model BASE.bin ... (a .bin runs with --runtime "
+                              "reference or web, a .task with reference)")
+    types = model_types(model)
+    if MODEL_TYPES[backend] not in types:
+        held = ", ".join(WHAT.get(t, t) for t in types) or "no model section"
+        other = [name for name, t in MODEL_TYPES.items() if t in types]
+        hint = f"; use --backend {other[0]}" if other else ""
+        raise ConversionError(f"--model {model} holds {held}, which --backend {backend} cannot run{hint}")
+    return model
+
+
+class LiteRTLMRuntime(Runtime[Path]):
+    """A .litertlm on LiteRT-LM's engine in a worker process, started at the first request (its
+    LoRA rank must cover every adapter; one added later with a higher rank restarts it)."""
+
+    def __init__(self, model: Path, options: Options, backend: str = "gpu", timeouts: Timeouts = Timeouts()):
+        super().__init__()
+        try:
+            import litert_lm  # noqa: F401  (only to say what to install, before any work)
+        except ImportError:
+            raise ConversionError(f"--runtime litertlm needs LiteRT-LM's Python API: {INSTALL}") from None
+        self.model, self.backend = check_model(Path(model), backend), backend
+        self.options, self.timeouts = options, timeouts
+        self._process: subprocess.Popen | None = None
+        self._rank = 0
+        self._buffer = b""
+
+    # -- the worker -------------------------------------------------------------------------------
+    def _worker(self) -> subprocess.Popen:
+        if self._process is None:
+            self._stderr = tempfile.TemporaryFile()
+            command = [sys.executable, "-m", "harness.litertlm_worker", str(self.model.resolve()), self.backend,
+                       str(self.options.max_tokens), str(self._rank)]
+            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=self._stderr, cwd=Path(__file__).resolve().parent.parent)
+            self._buffer = b""
+            try:
+                self._read(f"loading {self.model.name}", self.timeouts.start)
+            except ConversionError:
+                self.close()
+                raise
+        return self._process
+
+    def _send(self, **request) -> None:
+        process = self._worker()
+        try:
+            process.stdin.write((json.dumps(request) + "\n").encode())
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: the next read says how
+
+    def _read(self, what: str, seconds: float) -> dict:
+        """The worker's next answer; one line and a stopped worker if it dies, fails or overruns."""
+        process = self._process
+        deadline = time.monotonic() + seconds
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            ready = select.select([process.stdout], [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                self.close()
+                raise ConversionError(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it")
+            chunk = os.read(process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise ConversionError(f"LiteRT-LM stopped while {what} ({self._death()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ConversionError(f"LiteRT-LM failed {what}: {answer['error']}")
+        return answer
+
+    def _death(self) -> str:
+        """How the worker ended, with the last line it wrote on stderr; the worker is then forgotten."""
+        code = self._process.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        self._stderr.seek(0)
+        lines = [line.strip() for line in self._stderr.read().decode("utf-8", "replace").splitlines()
+                 if line.strip() and not any(noise in line for noise in NOISE)]
+        self.close()
+        return f"{how}: {lines[-1][:300]}" if lines else how
+
+    def close(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process.stdin.close()
+            self._process.stdout.close()
+            self._stderr.close()
+            self._process = None
+
+    # -- the runtime ------------------------------------------------------------------------------
+    def prompt_tokens(self, prompt: str) -> int:
+        return 1 + len(self._tokenize(prompt))  # the engine puts the start token before the prompt's
+
+    def _tokenize(self, text: str) -> list[int]:
+        self._send(tokenize=text)
+        return self._read("tokenizing", self.timeouts.answer)["ids"]
+
+    def _load_adapter(self, path: Path) -> Path:
+        rank = WeightFile(regular_file(path, "--lora")).lora_rank
+        if rank is None:
+            raise ConversionError(f"--lora {path}: a base model's weights file, not a LoRA weights file")
+        if rank > self._rank:
+            self._rank = rank
+            self.close()  # the engine's LoRA rank is set when it is made
+        return path.resolve()
+
+    def _generate(self, prompt: str, options: Options, adapter: Path | None, on_text: OnText | None) -> Generation:
+        if options.max_tokens > self.options.max_tokens:
+            raise ConversionError(f"--max-tokens {options.max_tokens}: more than the {self.options.max_tokens} "
+                                  "the engine was made with")
+        start = time.perf_counter()
+        used = self.prompt_tokens(prompt)
+        check_room(used, options)
+        self._send(generate=prompt, lora=str(adapter) if adapter else None, top_k=options.top_k,
+                   temperature=options.temperature, seed=options.random_seed, max_new=options.max_tokens - used)
+        text, failure = "", None
+        while "done" not in (answer := self._read("generating", self.timeouts.answer)):
+            text += answer["piece"]
+            if on_text is not None and failure is None:
+                try:
+                    on_text(answer["piece"])
+                except Exception as exc:  # the caller stops the generation (serve: a stop sequence, a gone client)
+                    failure = exc
+                    self._send(cancel=True)
+        if failure is not None:
+            raise failure
+        # LiteRT-LM reports text, not token ids: the output's ids are its text tokenized again.
+        return Generation(self._tokenize(text) if text else [], text, time.perf_counter() - start)
