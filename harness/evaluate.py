@@ -59,21 +59,23 @@ def model_labels(models: list[Path]) -> list[str]:
 
 
 def evaluate(models: list[Path], adapters: list[tuple[str, Path]], examples: list[Example], max_tokens: int,
-             prefix: str | None, suffix: str | None, step: Callable[[], object] = lambda: None) -> Evaluation:
-    """Greedy generation for every model, adapter (the base first) and example; `step()` after each."""
-    from .runtime import ReferenceRuntime
+             prefix: str | None, suffix: str | None, step: Callable[[], object] = lambda: None,
+             runtime: str = "reference", backend: str | None = None) -> Evaluation:
+    """Greedy generation for every model, adapter (the base first) and example on the chosen runtime;
+    `step()` after each."""
+    from .runtimes import open_runtime
 
     options = Options(max_tokens, top_k=1, temperature=0.0)
     evaluation = Evaluation(model_labels(models), [BASE] + [name for name, _ in adapters])
     for model, label in zip(models, evaluation.models):
         template = template_of(model, prefix, suffix)
-        with ReferenceRuntime(model, None, options) as runtime:
+        with open_runtime(runtime, backend, model, None, options) as running:
             for name, path in adapters:
-                runtime.add_adapter(name, path)
+                running.add_adapter(name, path)
             for adapter in evaluation.adapters:
                 for example in examples:
                     try:
-                        output = runtime.generate(template.chat([(turn.role, turn.content) for turn in example.turns]), options, adapter).text
+                        output = running.generate(template.chat([(turn.role, turn.content) for turn in example.turns]), options, adapter).text
                     except ConversionError as exc:
                         raise ConversionError(f"line {example.line} ({label}, {adapter}): {exc}") from None
                     evaluation.results.append(Result(example.line, label, adapter, output,

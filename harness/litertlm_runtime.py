@@ -16,15 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundler.litertlm import model_types
+from bundler.litertlm import model_types, sentencepiece_model
 from bundler.task import file_kind
 from converter.errors import ConversionError
 from converter.files import regular_file
 from converter.tflite import WeightFile
+from converter.tokenizer import parse_sentencepiece
 
 from .generate import Generation, Options, check_room
 from .runtime import OnText, Runtime
@@ -74,6 +76,8 @@ class LiteRTLMRuntime(Runtime[Path]):
             raise ConversionError(f"--runtime litertlm needs LiteRT-LM's Python API: {INSTALL}") from None
         self.model, self.backend = check_model(Path(model), backend), backend
         self.options, self.timeouts = options, timeouts
+        self.tokenizer = parse_sentencepiece(sentencepiece_model(self.model), f"{model}: its tokenizer section")
+        self._lock = threading.Lock()  # one request at a time on the worker's pipes
         self._process: subprocess.Popen | None = None
         self._rank = 0
         self._buffer = b""
@@ -144,11 +148,7 @@ class LiteRTLMRuntime(Runtime[Path]):
 
     # -- the runtime ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
-        return 1 + len(self._tokenize(prompt))  # the engine puts the start token before the prompt's
-
-    def _tokenize(self, text: str) -> list[int]:
-        self._send(tokenize=text)
-        return self._read("tokenizing", self.timeouts.answer)["ids"]
+        return 1 + len(self.tokenizer.encode(prompt))  # the engine puts the start token before the prompt's
 
     def _load_adapter(self, path: Path) -> Path:
         rank = WeightFile(regular_file(path, "--lora")).lora_rank
@@ -160,12 +160,17 @@ class LiteRTLMRuntime(Runtime[Path]):
         return path.resolve()
 
     def _generate(self, prompt: str, options: Options, adapter: Path | None, on_text: OnText | None) -> Generation:
+        with self._lock:
+            return self._generate_alone(prompt, options, adapter, on_text)
+
+    def _generate_alone(self, prompt: str, options: Options, adapter: Path | None, on_text: OnText | None) -> Generation:
         if options.max_tokens > self.options.max_tokens:
             raise ConversionError(f"--max-tokens {options.max_tokens}: more than the {self.options.max_tokens} "
                                   "the engine was made with")
-        start = time.perf_counter()
         used = self.prompt_tokens(prompt)
         check_room(used, options)
+        self._worker()  # made before the clock starts: tokens/s counts the generation alone
+        start = time.perf_counter()
         self._send(generate=prompt, lora=str(adapter) if adapter else None, top_k=options.top_k,
                    temperature=options.temperature, seed=options.random_seed, max_new=options.max_tokens - used)
         text, failure = "", None
@@ -180,4 +185,4 @@ class LiteRTLMRuntime(Runtime[Path]):
         if failure is not None:
             raise failure
         # LiteRT-LM reports text, not token ids: the output's ids are its text tokenized again.
-        return Generation(self._tokenize(text) if text else [], text, time.perf_counter() - start)
+        return Generation(self.tokenizer.encode(text), text, time.perf_counter() - start)

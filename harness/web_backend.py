@@ -55,33 +55,34 @@ class WebBackend(Runtime[WebAdapter]):
 
     def __init__(self, model: Path, options: Options, timeouts=None):
         super().__init__()
-        from .web_runtime import Timeouts, WebRuntime, missing
+        from . import web_runtime
 
-        try:
-            import playwright  # noqa: F401
-        except ImportError:
-            raise ConversionError(f"--runtime web needs Playwright: {INSTALL}") from None
-        reason = missing()
-        if reason:
-            raise ConversionError(f"--runtime web: {reason}")
         weights, task = open_weights(Path(model), "--model")
         if task is not None:
             raise ConversionError(f"--model {model}: the web runtime does not load a .task that wraps GPU weights "
                                   "(it fails with 'interpreter != nullptr'); give the base .bin itself")
         if weights.lora_rank is not None:
             raise ConversionError(f"--model {model} is a LoRA weights file: give it as --lora, with its base as --model")
+        try:
+            import playwright  # noqa: F401
+        except ImportError:
+            raise ConversionError(f"--runtime web needs Playwright: {INSTALL}") from None
+        reason = web_runtime.missing(web_runtime.CHROMIUM, web_runtime.PACKAGE_DIR)
+        if reason:
+            raise ConversionError(f"--runtime web: {reason}")
         self.vocabulary: Vocabulary = read_vocabulary(model, None, weights, None)
         self.context = context_of(weights)
         self.fresh_per_prompt = family_of(weights).name in STATEFUL_FAMILIES
         self._copies = Path(tempfile.mkdtemp(prefix="lora-run-web-"))
         self.model = self._servable(Path(model))
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-run-web")
-        self._web: WebRuntime | None = None
+        self._web: web_runtime.WebRuntime | None = None
         self._state: tuple | None = None  # (options, ranks) of the LlmInference in the page
         self._loaded: dict[WebAdapter, str] = {}  # adapters loaded into it, in load order, and their handles
         self._loads = 0  # LoRA loads into it
         try:
-            self._web = self._call(lambda: WebRuntime(timeouts=timeouts or Timeouts()).__enter__())
+            self._web = self._call(lambda: web_runtime.WebRuntime(web_runtime.PACKAGE_DIR, web_runtime.CHROMIUM,
+                                                                  timeouts or web_runtime.Timeouts()).__enter__())
         except BaseException:
             self.close()
             raise
@@ -127,16 +128,16 @@ class WebBackend(Runtime[WebAdapter]):
 
     def _generate(self, prompt: str, options: Options, adapter: WebAdapter | None, on_text: OnText | None) -> Generation:
         check_room(self.prompt_tokens(prompt), options, self.context)
-        start = time.perf_counter()
-        text = self._call(lambda: self._run(prompt, options, adapter))
+        text, seconds = self._call(lambda: self._run(prompt, options, adapter))
         text = text[1:] if text.startswith(" ") else text
         if on_text is not None and text:
             on_text(text)  # the runtime gives the whole text at once
         # The runtime reports text, not token ids: the output's ids are its text tokenized again.
-        return Generation(self.vocabulary.tokenizer.encode(text), text, time.perf_counter() - start)
+        return Generation(self.vocabulary.tokenizer.encode(text), text, seconds)
 
-    def _run(self, prompt: str, options: Options, adapter: WebAdapter | None) -> str:
-        """On the browser's thread: the LlmInference and LoRA the request needs, then its generation."""
+    def _run(self, prompt: str, options: Options, adapter: WebAdapter | None) -> tuple[str, float]:
+        """On the browser's thread: the LlmInference and LoRA the request needs, then its generation
+        (its text, and the seconds it took without the loading)."""
         web = self._web
         ranks = sorted({a.rank for a in self._adapters.values()})
         if self._state != (options, ranks) or self.fresh_per_prompt or self._loads >= MAX_LOADS:
@@ -148,4 +149,6 @@ class WebBackend(Runtime[WebAdapter]):
                 self._loaded.pop(adapter, None)
                 self._loaded[adapter] = web.load_lora(adapter.path)  # now the last loaded
                 self._loads += 1
-        return web.generate(prompt, self._loaded[adapter] if adapter is not None else None)
+        start = time.perf_counter()
+        text = web.generate(prompt, self._loaded[adapter] if adapter is not None else None)
+        return text, time.perf_counter() - start
