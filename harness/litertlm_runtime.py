@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,8 +87,9 @@ class LiteRTLMRuntime(Runtime[Path]):
     def _worker(self) -> subprocess.Popen:
         if self._process is None:
             self._stderr = tempfile.TemporaryFile()
+            self._cache = tempfile.mkdtemp(prefix="lora-run-litertlm-")  # the engine's; removed by close()
             command = [sys.executable, "-m", "harness.litertlm_worker", str(self.model.resolve()), self.backend,
-                       str(self.options.max_tokens), str(self._rank)]
+                       str(self.options.max_tokens), str(self._rank), self._cache]
             self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              stderr=self._stderr, cwd=Path(__file__).resolve().parent.parent)
             self._buffer = b""
@@ -144,6 +146,7 @@ class LiteRTLMRuntime(Runtime[Path]):
             self._process.stdin.close()
             self._process.stdout.close()
             self._stderr.close()
+            shutil.rmtree(self._cache, ignore_errors=True)
             self._process = None
 
     # -- the runtime ------------------------------------------------------------------------------
@@ -174,14 +177,18 @@ class LiteRTLMRuntime(Runtime[Path]):
         self._send(generate=prompt, lora=str(adapter) if adapter else None, top_k=options.top_k,
                    temperature=options.temperature, seed=options.random_seed, max_new=options.max_tokens - used)
         text, failure = "", None
-        while "done" not in (answer := self._read("generating", self.timeouts.answer)):
-            text += answer["piece"]
-            if on_text is not None and failure is None:
-                try:
-                    on_text(answer["piece"])
-                except Exception as exc:  # the caller stops the generation (serve: a stop sequence, a gone client)
-                    failure = exc
-                    self._send(cancel=True)
+        try:
+            while "done" not in (answer := self._read("generating", self.timeouts.answer)):
+                text += answer["piece"]
+                if on_text is not None and failure is None:
+                    try:
+                        on_text(answer["piece"])
+                    except BaseException as exc:  # the caller ends it (serve: a stop sequence, a gone client)
+                        failure = exc
+                        self._send(cancel=True)  # and the rest of the answer is read, so the next one is its own
+        except BaseException:
+            self.close()  # cut off mid-answer (a signal, a dead worker): the next request starts a fresh worker
+            raise
         if failure is not None:
             raise failure
         # LiteRT-LM reports text, not token ids: the output's ids are its text tokenized again.

@@ -2,7 +2,7 @@
 lines: its native code can abort or hang, and only a separate process can be timed out and
 killed without taking `lora-run` (or `lora-run serve`) with it.
 
-    python -m harness.litertlm_worker MODEL.litertlm gpu|cpu MAX_TOKENS LORA_RANK
+    python -m harness.litertlm_worker MODEL.litertlm gpu|cpu MAX_TOKENS LORA_RANK CACHE_DIR
 Requests on stdin, one JSON object a line; answers on the protocol stream (the original stdout;
 fd 1 is pointed at stderr so that native code printing cannot corrupt it):
     {"generate": PROMPT, "lora": PATH|null, "top_k", "temperature", "seed", "max_new"}
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 from typing import IO
 
@@ -25,15 +24,14 @@ BACKENDS = {"gpu": "GPU", "cpu": "CPU"}
 
 
 class Worker:
-    def __init__(self, answers: IO[str], model: str, backend: str, max_tokens: int, rank: int):
+    def __init__(self, answers: IO[str], model: str, backend: str, max_tokens: int, rank: int, cache: str):
         import litert_lm as lm
 
         self.lm, self.answers = lm, answers
         lm.set_min_log_severity(lm.LogSeverity.ERROR)
-        self.cache = tempfile.TemporaryDirectory(prefix="lora-run-litertlm-")
         options = {"lora_rank_config": lm.LoraRankConfig(lora_rank=rank)} if rank else {}
         self.engine = lm.Engine(model, backend=getattr(lm.Backend, BACKENDS[backend])(), max_num_tokens=max_tokens,
-                                cache_dir=self.cache.name, **options)
+                                cache_dir=cache, **options)
         self.cancelled = threading.Event()
 
     def answer(self, **fields) -> None:
@@ -63,7 +61,6 @@ class Worker:
 
     def close(self) -> None:
         self.engine.close()
-        self.cache.cleanup()
 
 
 def serve(worker: Worker, requests: IO[str]) -> None:
@@ -96,9 +93,9 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    model, backend, max_tokens, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    model, backend, max_tokens, rank, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     try:
-        worker = Worker(answers, model, backend, max_tokens, rank)
+        worker = Worker(answers, model, backend, max_tokens, rank, cache)
     except Exception as exc:
         answers.write(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}) + "\n")
         answers.flush()
