@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 from bundler.litertlm import model_types, sentencepiece_model
 from bundler.task import file_kind
@@ -79,75 +80,42 @@ class LiteRTLMRuntime(Runtime[Path]):
         self.options, self.timeouts = options, timeouts
         self.tokenizer = parse_sentencepiece(sentencepiece_model(self.model), f"{model}: its tokenizer section")
         self._lock = threading.Lock()  # one request at a time on the worker's pipes
-        self._process: subprocess.Popen | None = None
+        self._worker: _Worker | None = None
         self._rank = 0
-        self._buffer = b""
 
-    # -- the worker -------------------------------------------------------------------------------
-    def _worker(self) -> subprocess.Popen:
-        if self._process is None:
-            self._stderr = tempfile.TemporaryFile()
-            self._cache = tempfile.mkdtemp(prefix="lora-run-litertlm-")  # the engine's; removed by close()
-            command = [sys.executable, "-m", "harness.litertlm_worker", str(self.model.resolve()), self.backend,
-                       str(self.options.max_tokens), str(self._rank), self._cache]
-            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=self._stderr, cwd=Path(__file__).resolve().parent.parent)
-            self._buffer = b""
+    def _started(self) -> _Worker:
+        """The worker, started (and its engine made) when there is none."""
+        if self._worker is None:
+            self._worker = _Worker(self.model, self.backend, self.options.max_tokens, self._rank)
             try:
                 self._read(f"loading {self.model.name}", self.timeouts.start)
             except ConversionError:
                 self.close()
                 raise
-        return self._process
+        return self._worker
 
     def _send(self, **request) -> None:
-        process = self._worker()
-        try:
-            process.stdin.write((json.dumps(request) + "\n").encode())
-            process.stdin.flush()
-        except BrokenPipeError:
-            pass  # it died: the next read says how
+        self._started().send(request)
 
     def _read(self, what: str, seconds: float) -> dict:
         """The worker's next answer; one line and a stopped worker if it dies, fails or overruns."""
-        process = self._process
-        deadline = time.monotonic() + seconds
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            ready = select.select([process.stdout], [], [], max(left, 0))[0] if left > 0 else []
-            if not ready:
-                self.close()
-                raise ConversionError(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it")
-            chunk = os.read(process.stdout.fileno(), 1 << 16)
-            if not chunk:
-                raise ConversionError(f"LiteRT-LM stopped while {what} ({self._death()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        answer = json.loads(line)
+        worker = self._started()
+        try:
+            answer = worker.read(seconds)
+        except TimeoutError:
+            self.close()
+            raise ConversionError(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it") from None
+        except EOFError:
+            self.close()
+            raise ConversionError(f"LiteRT-LM stopped while {what} ({worker.death()})") from None
         if "error" in answer:
             raise ConversionError(f"LiteRT-LM failed {what}: {answer['error']}")
         return answer
 
-    def _death(self) -> str:
-        """How the worker ended, with the last line it wrote on stderr; the worker is then forgotten."""
-        code = self._process.wait()
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        self._stderr.seek(0)
-        lines = [line.strip() for line in self._stderr.read().decode("utf-8", "replace").splitlines()
-                 if line.strip() and not any(noise in line for noise in NOISE)]
-        self.close()
-        return f"{how}: {lines[-1][:300]}" if lines else how
-
     def close(self) -> None:
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.kill()
-            self._process.wait()
-            self._process.stdin.close()
-            self._process.stdout.close()
-            self._stderr.close()
-            shutil.rmtree(self._cache, ignore_errors=True)
-            self._process = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     # -- the runtime ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
@@ -172,7 +140,7 @@ class LiteRTLMRuntime(Runtime[Path]):
                                   "the engine was made with")
         used = self.prompt_tokens(prompt)
         check_room(used, options)
-        self._worker()  # made before the clock starts: tokens/s counts the generation alone
+        self._started()  # made before the clock starts: tokens/s counts the generation alone
         start = time.perf_counter()
         self._send(generate=prompt, lora=str(adapter) if adapter else None, top_k=options.top_k,
                    temperature=options.temperature, seed=options.random_seed, max_new=options.max_tokens - used)
@@ -193,3 +161,57 @@ class LiteRTLMRuntime(Runtime[Path]):
             raise failure
         # LiteRT-LM reports text, not token ids: the output's ids are its text tokenized again.
         return Generation(self.tokenizer.encode(text), text, time.perf_counter() - start)
+
+
+class _Worker:
+    """A worker process (harness/litertlm_worker.py): its pipes, its stderr (a file, for the last
+    line it wrote) and the engine's cache folder, all removed by `close`."""
+
+    def __init__(self, model: Path, backend: str, max_tokens: int, rank: int):
+        self.stderr = tempfile.TemporaryFile()
+        self.cache = tempfile.mkdtemp(prefix="lora-run-litertlm-")
+        command = [sys.executable, "-m", "harness.litertlm_worker", str(model.resolve()), backend, str(max_tokens),
+                   str(rank), self.cache]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        cwd=Path(__file__).resolve().parent.parent)
+        self.stdin, self.stdout = cast(IO[bytes], self.process.stdin), cast(IO[bytes], self.process.stdout)
+        self.buffer = b""
+
+    def send(self, request: dict) -> None:
+        try:
+            self.stdin.write((json.dumps(request) + "\n").encode())
+            self.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: the next read says how
+
+    def read(self, seconds: float) -> dict:
+        """The next answer; TimeoutError past `seconds`, EOFError if the worker is gone."""
+        deadline = time.monotonic() + seconds
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def death(self) -> str:
+        """How the worker ended, with the last line it wrote on stderr."""
+        code = self.process.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().decode("utf-8", "replace").splitlines()
+                 if line.strip() and not any(noise in line for noise in NOISE)]
+        return f"{how}: {lines[-1][:300]}" if lines else how
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.stdin.close()
+        self.stdout.close()
+        self.stderr.close()
+        shutil.rmtree(self.cache, ignore_errors=True)

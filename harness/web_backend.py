@@ -139,13 +139,15 @@ class WebBackend(Runtime[WebAdapter]):
         """On the browser's thread: the LlmInference and LoRA the request needs, then its generation
         (its text, and the seconds it took without the loading)."""
         web = self._web
+        if web is None:
+            raise ConversionError("web runtime: already closed")
         ranks = sorted({a.rank for a in self._adapters.values()})
         if self._state != (options, ranks) or self.fresh_per_prompt or self._loads >= MAX_LOADS:
             web.load_model(self.model, options, lora_ranks=ranks or None)
             self._state, self._loaded, self._loads = (options, ranks), {}, 0
         if adapter is not None:
             last = list(self._loaded)[-1] if self._loaded else None
-            if adapter not in self._loaded or (last != adapter and (adapter.mlp or last.mlp)):
+            if adapter not in self._loaded or (last != adapter and (adapter.mlp or (last is not None and last.mlp))):
                 self._loaded.pop(adapter, None)
                 self._loaded[adapter] = web.load_lora(adapter.path)  # now the last loaded
                 self._loads += 1

@@ -139,7 +139,7 @@ def assert_litertlm_matches_reference(base: Path, adapter: Path, bundle: Path) -
                                               "--start-token", "<bos>", "--stop-tokens", "<eos>",
                                               "--output-filename", str(bundle), "--format", "litertlm"])
     assert result.exit_code == 0, result.output
-    runtime = run_litertlm(bundle, "one two three", 24, adapter, 8)
+    runtime = run_litertlm(bundle, "one two three", 24, adapter)
     options = Options(max_tokens=24, top_k=1, temperature=0)
     assert runtime["base"] == generate(load(base), "one two three", options).text
     assert runtime["lora"] == generate(load(base, adapter), "one two three", options).text
