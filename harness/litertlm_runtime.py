@@ -106,8 +106,9 @@ class LiteRTLMRuntime(Runtime[Path]):
             self.close()
             raise ConversionError(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it") from None
         except EOFError:
+            how = worker.death()
             self.close()
-            raise ConversionError(f"LiteRT-LM stopped while {what} ({worker.death()})") from None
+            raise ConversionError(f"LiteRT-LM stopped while {what} ({how})") from None
         if "error" in answer:
             raise ConversionError(f"LiteRT-LM failed {what}: {answer['error']}")
         return answer

@@ -178,7 +178,7 @@ def test_eval_on_litertlm_gives_the_adapters_scores(files, litertlm_file, vulkan
 
 
 @pytest.mark.runtime
-def test_a_litertlm_engine_that_fails_overruns_or_dies_is_one_line_and_leaves_nothing(litertlm, litertlm_file,
+def test_a_litertlm_engine_that_fails_overruns_or_dies_is_one_line_and_leaves_nothing(litertlm, litertlm_file, alone,
                                                                                      tmp_path, vulkan):
     """Last of the module's LiteRT-LM tests: it kills the shared engine's worker."""
     caches = set(Path(tempfile.gettempdir()).glob("lora-run-litertlm-*"))
@@ -187,12 +187,13 @@ def test_a_litertlm_engine_that_fails_overruns_or_dies_is_one_line_and_leaves_no
     data[16384:16384 + 4096] = b"\xff" * 4096  # the start of the weights section (the header names its offset)
     broken.write_bytes(bytes(data))
     one_line(cli("--runtime", "litertlm", "--model", broken, "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS),
-             "LiteRT-LM failed loading broken.litertlm")
+             "LiteRT-LM ", " loading broken.litertlm")  # failed, or stopped (it may crash on such bytes)
     with LiteRTLMRuntime(litertlm_file, GREEDY, timeouts=Timeouts(start=0.01)) as runtime:
         with pytest.raises(ConversionError, match=r"^LiteRT-LM did not finish loading trained.litertlm within 0 s; "
                                                   r"stopped it$"):
             runtime.generate(PROMPTS[0], GREEDY)
         assert runtime._worker is None
+    assert litertlm.generate(PROMPTS[0], GREEDY, "hello").text == alone["hello", PROMPTS[0]][1]  # its worker runs
     cache = Path(litertlm._worker.cache)
     os.kill(litertlm._worker.process.pid, signal.SIGKILL)
     with pytest.raises(ConversionError, match=r"^LiteRT-LM stopped while generating \(killed by SIGKILL\)$"):
