@@ -108,8 +108,10 @@ class WebBackend(Runtime[WebAdapter]):
         return copy
 
     def close(self) -> None:
+        """Stop the browser (at once: a generation under way, e.g. at Ctrl-C, is not waited for)."""
         if getattr(self, "_thread", None) is not None:
             if self._web is not None:
+                self._web.kill()
                 self._thread.submit(self._web.close).result()
                 self._web = None
             self._thread.shutdown()
