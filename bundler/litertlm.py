@@ -98,15 +98,28 @@ def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
     return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
 
 
-def model_types(path: Path) -> list[str]:
-    """The `model_type` of each TFLiteModel section of a .litertlm (`tf_lite_artisan_text_decoder`:
-    GPU weights for LiteRT-LM's GPU executor; `tf_lite_prefill_decode`: prefill/decode graphs)."""
+def _sections(path: Path) -> list:
     try:
         with open(path, "rb") as handle:
             header = read_header(handle)[0]
-        sections = header.sectionMetadata.objects or []
-        return [item.value.value.decode("utf-8", "replace") for section in sections
-                if section.dataType == schema.AnySectionDataType.TFLiteModel
-                for item in section.items or [] if item.key == b"model_type"]
+        return header.sectionMetadata.objects or []
     except Exception:  # flatbuffers raises whatever a malformed header leads it to
         raise ConversionError(f"{path}: not a readable .litertlm container (its header is malformed)") from None
+
+
+def model_types(path: Path) -> list[str]:
+    """The `model_type` of each TFLiteModel section of a .litertlm (`tf_lite_artisan_text_decoder`:
+    GPU weights for LiteRT-LM's GPU executor; `tf_lite_prefill_decode`: prefill/decode graphs)."""
+    return [item.value.value.decode("utf-8", "replace") for section in _sections(path)
+            if section.dataType == schema.AnySectionDataType.TFLiteModel
+            for item in section.items or [] if item.key == b"model_type"]
+
+
+def sentencepiece_model(path: Path) -> bytes:
+    """The SentencePiece tokenizer section of a .litertlm."""
+    sections = [s for s in _sections(path) if s.dataType == schema.AnySectionDataType.SP_Tokenizer]
+    if not sections:
+        raise ConversionError(f"{path}: the .litertlm has no SentencePiece tokenizer section")
+    with open(path, "rb") as handle:
+        handle.seek(sections[0].beginOffset)
+        return handle.read(sections[0].endOffset - sections[0].beginOffset)
