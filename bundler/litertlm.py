@@ -115,11 +115,11 @@ def model_types(path: Path) -> list[str]:
             for item in section.items or [] if item.key == b"model_type"]
 
 
-def sentencepiece_model(path: Path) -> bytes:
-    """The SentencePiece tokenizer section of a .litertlm."""
+def sentencepiece_model(path: Path) -> bytes | None:
+    """The SentencePiece tokenizer section of a .litertlm (None when it has another kind of tokenizer)."""
     sections = [s for s in _sections(path) if s.dataType == schema.AnySectionDataType.SP_Tokenizer]
     if not sections:
-        raise ConversionError(f"{path}: the .litertlm has no SentencePiece tokenizer section")
+        return None
     with open(path, "rb") as handle:
         handle.seek(sections[0].beginOffset)
         return handle.read(sections[0].endOffset - sections[0].beginOffset)

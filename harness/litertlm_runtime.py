@@ -78,8 +78,9 @@ class LiteRTLMRuntime(Runtime[Path]):
             raise ConversionError(f"--runtime litertlm needs LiteRT-LM's Python API: {INSTALL}") from None
         self.model, self.backend = check_model(Path(model), backend), backend
         self.options, self.timeouts = options, timeouts
-        self.tokenizer = parse_sentencepiece(sentencepiece_model(self.model), f"{model}: its tokenizer section")
-        self._lock = threading.Lock()  # one request at a time on the worker's pipes
+        blob = sentencepiece_model(self.model)  # else a Hugging Face tokenizer: the engine tokenizes (_ids)
+        self.tokenizer = parse_sentencepiece(blob, f"{model}: its tokenizer section") if blob else None
+        self._lock = threading.RLock()  # one request at a time on the worker's pipes
         self._worker: _Worker | None = None
         self._rank = 0
 
@@ -120,7 +121,16 @@ class LiteRTLMRuntime(Runtime[Path]):
 
     # -- the runtime ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
-        return 1 + len(self.tokenizer.encode(prompt))  # the engine puts the start token before the prompt's
+        return 1 + len(self._ids(prompt))  # the engine puts the start token before the prompt's
+
+    def _ids(self, text: str) -> list[int]:
+        """The text's token ids: by the bundle's SentencePiece model, else by the engine (which then
+        answers after the generation under way, if any)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text)
+        with self._lock:
+            self._send(tokenize=text)
+            return self._read("tokenizing", self.timeouts.answer)["ids"]
 
     def _load_adapter(self, path: Path) -> Path:
         rank = WeightFile(regular_file(path, "--lora")).lora_rank
@@ -161,7 +171,7 @@ class LiteRTLMRuntime(Runtime[Path]):
         if failure is not None:
             raise failure
         # LiteRT-LM reports text, not token ids: the output's ids are its text tokenized again.
-        return Generation(self.tokenizer.encode(text), text, time.perf_counter() - start)
+        return Generation(self._ids(text) if text else [], text, time.perf_counter() - start)
 
 
 class _Worker:

@@ -5,6 +5,7 @@ killed without taking `lora-run` (or `lora-run serve`) with it.
     python -m harness.litertlm_worker MODEL.litertlm gpu|cpu MAX_TOKENS LORA_RANK CACHE_DIR
 Requests on stdin, one JSON object a line; answers on the protocol stream (the original stdout;
 fd 1 is pointed at stderr so that native code printing cannot corrupt it):
+    {"tokenize": TEXT}  -> {"ids": [...]}   (for a bundle whose tokenizer only the engine reads)
     {"generate": PROMPT, "lora": PATH|null, "top_k", "temperature", "seed", "max_new"}
                         -> {"piece": TEXT}... then {"done": true}
     {"cancel": true}    (while generating) ends the generation at its next piece
@@ -83,7 +84,10 @@ def serve(worker: Worker, requests: IO[str]) -> None:
         request = json.loads(line)
         worker.cancelled.clear()
         try:
-            worker.generate(request)
+            if "tokenize" in request:
+                worker.answer(ids=list(worker.engine.tokenize(request["tokenize"])))
+            else:
+                worker.generate(request)
         except Exception as exc:  # the engine's own errors (RuntimeError and such): one line back
             worker.answer(error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 

@@ -118,6 +118,16 @@ def test_litertlm_streams_pieces_and_stops_early_when_asked(litertlm, alone):
 
 
 @pytest.mark.runtime
+def test_litertlm_counts_tokens_with_the_engine_when_the_bundle_has_no_sentencepiece_model(litertlm, alone,
+                                                                                             monkeypatch):
+    """A .litertlm with a Hugging Face tokenizer (CPU bundles of Llama / Qwen): the engine tokenizes."""
+    monkeypatch.setattr(litertlm, "tokenizer", None)
+    assert litertlm.prompt_tokens(PROMPTS[0]) == len(PROMPTS[0].split()) + 1  # one piece per word, and <bos>
+    result = litertlm.generate(PROMPTS[1], GREEDY, "hello")
+    assert (result.ids, result.text) == alone["hello", PROMPTS[1]]
+
+
+@pytest.mark.runtime
 def test_litertlm_serve_answers_per_adapter_under_concurrent_requests(litertlm, alone):
     server = Server(litertlm, Settings("trained", GREEDY, PromptTemplate()))
     sock = bind("127.0.0.1", 0)
