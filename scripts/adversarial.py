@@ -1421,6 +1421,13 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "one two three"
 EVAL = ["{input}/data.jsonl", "--model", "{model}", "--lora", "{adapter}", "--max-tokens", "16"]
 
 
+def copy_shared(name: str, to: str) -> Callable[[Ctx], None]:
+    """A shared artifact copied into the case's input folder under another name."""
+    def copy(c: Ctx) -> None:
+        shutil.copy(c.shared / name, c.input / to)
+    return copy
+
+
 def eval_data(*lines: bytes | str, good: bool = True) -> Callable[[Ctx], None]:
     """`{input}/data.jsonl`: these lines, after one good chat example unless `good` is False."""
     raw = [line.encode() if isinstance(line, str) else line for line in lines]
@@ -1439,7 +1446,7 @@ def eval_cases() -> Iterator[tuple]:
     """`lora-run eval`: hostile JSONL lines are skipped with a warning naming the line (line 2: the
     first is a good example) and refused with --strict; hostile files are refused."""
     user, assistant = turn("user", "one two"), turn("assistant", "three")
-    bad_lines = {
+    bad_lines: dict[str, str | bytes] = {
         "wrong-type-messages": chat().replace("[]", '"hi"'),
         "wrong-type-role": chat(turn(3, "x"), assistant),
         "wrong-type-content": chat(turn("user", {"text": 1}), assistant),
@@ -1494,8 +1501,8 @@ def eval_cases() -> Iterator[tuple]:
     yield refuse("data-not-utf8", EVAL, write_raw("input", "data.jsonl", "é\n".encode("utf-16") * 10),
                  names=("no examples",))
     yield refuse("model-missing", [*EVAL, "--model", "{out}/none.bin"], eval_data(), names=("none.bin",))
-    yield refuse("lora-for-another-base", [*EVAL[:4], "{input}/other.bin", *EVAL[5:]], both(eval_data(), lambda c:
-                 shutil.copy(c.shared / "big-lora.bin", c.input / "other.bin")), names=("other.bin",))
+    yield refuse("lora-for-another-base", [*EVAL[:4], "{input}/other.bin", *EVAL[5:]],
+                 both(eval_data(), copy_shared("big-lora.bin", "other.bin")), names=("other.bin",))
     yield refuse("lora-as-model", [*EVAL[:2], "{adapter}", *EVAL[3:]], eval_data())
     yield refuse("report-is-data", [*EVAL, "--report", "{input}/data.jsonl"], eval_data(), names=("--report",))
     yield refuse("report-is-directory", [*EVAL, "--report", "{out}"], eval_data(), names=("--report",))
@@ -1591,13 +1598,15 @@ def serve_requests() -> list[Request]:
         return body({"model": "base", "messages": value, **extra})
 
     user = {"role": "user", "content": "one two"}
-    for name, value in (("null", None), ("string", "hi"), ("empty", []), ("item-null", [None]),
+    shapes: tuple[tuple[str, object], ...] = (("null", None), ("string", "hi"), ("empty", []), ("item-null", [None]),
                         ("no-content", [{"role": "user"}]), ("content-number", [{"role": "user", "content": 5}]),
                         ("role-number", [{"role": 1, "content": "x"}]), ("role-tool", [{"role": "tool", "content": "x"}]),
-                        ("deep-content", [{"role": "user", "content": json.loads(nested(500))}])):
-        found.append(Request(f"chat-messages-{name}", "/v1/chat/completions", messages(value)))
-    for name, value in (("model-number", 1), ("model-null", None), ("model-unknown", "nope"), ("model-huge", "x" * 100_000)):
-        found.append(Request(f"chat-{name}", "/v1/chat/completions", body({"model": value, "messages": [user]})))
+                        ("deep-content", [{"role": "user", "content": json.loads(nested(500))}]))
+    found += [Request(f"chat-messages-{name}", "/v1/chat/completions", messages(shape)) for name, shape in shapes]
+    models: tuple[tuple[str, object], ...] = (("model-number", 1), ("model-null", None), ("model-unknown", "nope"),
+                                              ("model-huge", "x" * 100_000))
+    found += [Request(f"chat-{name}", "/v1/chat/completions", body({"model": model, "messages": [user]}))
+              for name, model in models]
     found += [Request("chat-max-tokens-string", "/v1/chat/completions", messages([user], max_tokens="8")),
               Request("chat-max-tokens-huge", "/v1/chat/completions", messages([user], max_tokens=10**9))]
     # unusual but valid: answered (200) or refused, never a 5xx

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    if shutil.which("curl") is None:
+        pytest.skip("the walk-through's serve step needs curl")
     blocks = walkthrough_blocks((ROOT / "README.md").read_text())
     script = "\n".join(blocks)
     for tool in ("lora-convert ", "lora-bundle ", "lora-run --model", "lora-run eval ", "lora-run serve ", "curl "):
