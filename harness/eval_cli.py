@@ -40,7 +40,9 @@ def check_models(models: tuple[Path, ...]) -> list[Path]:
 @shared.runtime
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of tables.")
 @click.option("--report", type=FILE, default=None, help="Also write an HTML report with a chart of the scores.")
-@click.option("--strict", is_flag=True, help="Refuse the data file at its first malformed line instead of skipping it.")
+@click.option("--strict", is_flag=True,
+              help="Refuse the data file at its first malformed line, or an example that cannot be generated, "
+                   "instead of skipping it / scoring it 0.")
 def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, runtime, backend, as_json, report,
                  strict) -> None:
     """Generate greedily for each example of DATA (JSONL: chat {"messages": [...]}, the last assistant
@@ -50,7 +52,7 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
 
     from .eval_data import read_examples
     from .eval_report import as_html, as_json as json_document, as_text
-    from .evaluate import evaluate
+    from .evaluate import Result, evaluate
     from .metrics import check_available
     from .runtimes import check_choice
 
@@ -69,8 +71,14 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
             click.echo(f"warning: {data} line {line}: {why}; skipped", err=True)
         total = len(checked) * (1 + len(named)) * len(examples.examples)
         with tqdm(total=total, desc="eval", unit="generation", file=sys.stderr, disable=None, leave=False) as bar:
+            def step(result: Result) -> None:
+                bar.update()
+                if result.error is not None:
+                    bar.write(f"warning: {data} line {result.line} ({result.model}, {result.adapter}): "
+                              f"{result.error}; scored 0", file=sys.stderr)
+
             evaluation = evaluate(checked, named, examples.examples, max_tokens, prompt_prefix, prompt_suffix,
-                                  lambda: bar.update(), runtime, backend)
+                                  step, strict, runtime, backend)
         document = json_document(evaluation, examples)
         if report is not None:
             with atomic_output(report, "--report") as handle:

@@ -10,7 +10,7 @@ import bisect
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Generator
 
 import sentencepiece as spm
 import torch
@@ -131,8 +131,8 @@ def prompt_ids(loaded: LoadedModel | Vocabulary, prompt: str) -> list[int]:
     return [loaded.start_id] + loaded.tokenizer.encode(runtime_text(loaded, prompt))
 
 
-def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
-    """Token ids as they are generated, until a stop token or the KV cache is full."""
+def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Generator[int, None, int | None]:
+    """Token ids as they are generated, until a stop token (returned, not yielded) or the KV cache is full."""
     ids = prompt_ids(loaded, prompt)
     check_context(options, loaded.model.context)
     check_room(len(ids), options, loaded.model.context)
@@ -145,10 +145,11 @@ def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator
         for _ in range(options.max_tokens - len(ids)):
             token = sample(logits[-1], options, generator)
             if token in loaded.stop_ids:
-                return
+                return token
             yield token
             with threads_for(per_token):
                 logits, cache = loaded.model.forward([token], cache)
+    return None
 
 
 def check_memory(dims: Dims, options: Options, prompt_tokens: int) -> None:
@@ -174,24 +175,40 @@ class Generation:
     ids: list[int]
     text: str
     seconds: float
+    stop_id: int | None = None  # the stop token that ended it (not in `ids`); None: the KV cache filled, or unknown
 
     @property
     def tokens_per_second(self) -> float:
         return len(self.ids) / self.seconds if self.seconds else 0.0
 
 
-def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None) -> Generation:
-    """Generate, calling `on_text(piece)` with each new piece of text as it is decoded."""
+OnToken = Callable[[int, str], object]
+
+
+def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None,
+             on_token: OnToken | None = None) -> Generation:
+    """Generate, calling `on_text(piece)` with each new piece of text as it is decoded and
+    `on_token(id, piece)` with each generated token and the text it completes ("" while a character's
+    bytes are incomplete; the U+FFFD of bytes still incomplete at the end goes to `on_text` only)."""
     ids: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for token in generate_ids(loaded, prompt, options):
+    tokens = generate_ids(loaded, prompt, options)
+    while True:
+        try:
+            token = next(tokens)
+        except StopIteration as end:
+            stop_id = end.value
+            break
         ids.append(token)
         # A character split over byte tokens decodes as U+FFFD until its last byte arrives: hold it back.
+        before = shown
         shown = _show(decode(loaded, ids).rstrip(UNFINISHED), shown, on_text)
+        if on_token:
+            on_token(token, shown[len(before):])
     text = decode(loaded, ids)
     _show(text, shown, on_text)
-    return Generation(ids, text, time.perf_counter() - start)
+    return Generation(ids, text, time.perf_counter() - start, stop_id)
 
 
 UNFINISHED = "\ufffd"  # what SentencePiece decodes an incomplete or invalid UTF-8 byte sequence to
