@@ -81,4 +81,15 @@ def _quantize_rows(words: np.ndarray, wide: bool, bits: int, out: np.ndarray, sc
 
 
 Kernel = Callable[..., None]
-kernel: Kernel | None = None if numba is None else numba.njit(nogil=True, cache=True)(_quantize_rows)
+
+
+def _compiled() -> Kernel | None:
+    if numba is None:
+        return None
+    try:
+        return numba.njit(nogil=True, cache=True)(_quantize_rows)
+    except RuntimeError:  # no writable cache folder: compiled again in each process
+        return numba.njit(nogil=True)(_quantize_rows)
+
+
+kernel = _compiled()
