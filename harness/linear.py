@@ -21,6 +21,7 @@ import mmap
 import platform
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -135,13 +136,38 @@ def threads_for(multiply_adds: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class QuantizedLinear:
-    """Stored int8/int4 values `q` [out, in] and row scales [out]: W = q * scale[:, None]. The
-    values are kept for `rows` only when asked (the embedding); products use the product class's copy."""
+@dataclass(frozen=True)
+class StoredRows:
+    """Rows of a quantized matrix gathered from its stored tile4 bytes (the file's memory map), so an
+    embedding that is also the output projection is held once, as its product's integers; the pages
+    a lookup touched are dropped again. `rows(ids)` is W[ids] in float32."""
 
-    def __init__(self, values: torch.Tensor, scale: torch.Tensor, keep_rows: bool = False):
+    data: np.ndarray  # uint8: the tensor's bytes in the file, q + 2^(bits-1) in tile4 order
+    scale: torch.Tensor  # float32 [out]
+    bits: int
+    out_features: int
+    in_features: int
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        index = ids.numpy()
+        grid = (self.in_features // quantize.TILE, self.out_features // quantize.TILE, quantize.TILE)
+        if self.bits == 8:  # [n, I/4, 4]: W[o, 4a + c] sits at tile (a, o // 4), place (c, o % 4)
+            stored = self.data.reshape(*grid, 4)[:, index // 4, :, index % 4]
+        else:  # two values a byte, the even output in the low nibble
+            pairs = self.data.reshape(*grid, 2)[:, index // 4, :, index % 4 // 2]
+            stored = pairs >> (4 * (index % 2))[:, None, None] & 0x0F
+        release_pages(self.data)
+        values = stored.astype(np.int16) - 2 ** (self.bits - 1)
+        return torch.from_numpy(values.reshape(len(index), -1)).to(torch.float32) * self.scale[ids, None]
+
+
+class QuantizedLinear:
+    """Stored int8/int4 values `q` [out, in] and row scales [out]: W = q * scale[:, None]. Products use
+    the product class's copy of the values; `rows` come from the file's bytes (`StoredRows`), when given."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor, stored: StoredRows | None = None):
         self.scale = scale
-        self.values = values if keep_rows else None
+        self.stored = stored
         self.product = (PRODUCT or exact_product())(values, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +180,9 @@ class QuantizedLinear:
         return total.mul_(unit).to(torch.float32).view(*x.shape[:-1], -1)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.values is None:
-            raise ValueError("rows() of a QuantizedLinear built without keep_rows")
-        return self.values[ids].to(torch.float32) * self.scale[ids, None]
+        if self.stored is None:
+            raise ValueError("rows() of a QuantizedLinear built without its stored bytes")
+        return self.stored(ids)
 
 
 def load_linear(weights: WeightFile, name: str, out_features: int, in_features: int, lookup: bool = False) -> Linear:
@@ -185,14 +211,14 @@ def load_linear(weights: WeightFile, name: str, out_features: int, in_features: 
     scale = torch.from_numpy(weights.raw(scale_name).copy()).view(torch.float32)
     if scale.numel() != out_features:
         raise ConversionError(f"{weights.path}: tensor {scale_name} has {scale.numel()} scales, expected {out_features}")
-    return QuantizedLinear(signed, scale, keep_rows=lookup)
+    return QuantizedLinear(signed, scale, StoredRows(raw, scale, bits, out_features, in_features) if lookup else None)
 
 
 def release_pages(mapped: np.ndarray) -> None:
     """Drop a memory-mapped region's pages from this process once copied (Linux; the page cache
     keeps them), so loading does not leave the whole file resident next to the loaded weights."""
-    if LIBC is None or mapped.size == 0:
-        return
+    if LIBC is None or mapped.size == 0 or not isinstance(mapped, np.memmap):
+        return  # anonymous memory would be zeroed, not re-read
     page = mmap.PAGESIZE
     start = mapped.ctypes.data // page * page
     end = mapped.ctypes.data + mapped.nbytes

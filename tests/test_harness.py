@@ -172,8 +172,21 @@ def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, mon
         monkeypatch.setattr(linear, "PRODUCT", product)
         ours = QuantizedLinear(values, scale)(x)
         assert (ours.double() - exact).abs().max() <= (float32.double() - exact).abs().max(), product
-    assert torch.equal(QuantizedLinear(values, scale, keep_rows=True).rows(torch.tensor([3, 0])),
-                       values[[3, 0]].float() * scale[[3, 0], None])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_rows_are_read_from_the_stored_bytes(bits):
+    """Looked-up rows come from the file's tile4 bytes (no second copy of the embedding): they are
+    the rows of the matrix the converter's own decoder (`dequantize_tiled`) gives."""
+    from converter import quantize
+    from harness.linear import StoredRows
+
+    weights = torch.randn(24, 16, generator=torch.Generator().manual_seed(bits))
+    stored = quantize.quantize_tiled(weights, bits)
+    dequantized = quantize.dequantize_tiled(stored.tiled.flatten(), stored.scale, bits, 24, 16)
+    rows = StoredRows(stored.tiled.flatten().numpy(), stored.scale, bits, 24, 16)
+    ids = torch.tensor([23, 0, 5, 6, 7, 5])  # every position in a tile (o % 4), and a repeat
+    assert torch.equal(rows(ids), dequantized[ids])
 
 
 def test_onednn_is_used_only_where_its_int8_products_are_exact():
