@@ -76,9 +76,9 @@ def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens
     for _ in generate_ids(loaded, prompt, Options(max_tokens=count + generate_tokens, top_k=1, temperature=0)):
         times.append(time.perf_counter())
     steps = [b - a for a, b in zip(times[1:], times[2:])]
-    result = {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
-              "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
-              "step_ms": 1000 * statistics.median(steps), "peak_rss": rss_bytes()}
+    result: dict = {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
+                    "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
+                    "step_ms": 1000 * statistics.median(steps), "peak_rss": rss_bytes()}
     if lora is not None and strategy == "integer":
         result["adapters"] = measure_adapters(runtime, lora, REQUEST)
     return result
@@ -192,6 +192,7 @@ def report(title: str, results: dict[str, dict], anchors: bool = False) -> None:
 def main(workdir: Path, model_path: Path | None, lora_path: Path | None, prompt_tokens: int, generate_tokens: int,
          baseline: bool, big: bool, child: str | None) -> None:
     if child:
+        assert model_path is not None  # in_child passes it
         click.echo(json.dumps(measure(model_path, child, prompt_tokens, generate_tokens, lora_path)))
         return
     click.echo(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
