@@ -290,9 +290,17 @@ def check_lora_supported(family: ModelFamily, model_type: ModelType) -> None:
                               "base weights with --merge-lora --merge-unsupported")
 
 
+def check_backend(family: ModelFamily, model_type: ModelType, backend: str) -> None:
+    """Refuse a model type on a backend its family has no runtime for (Llama 3 and Qwen 2.5 on the GPU)."""
+    if backend not in family.backends:
+        raise ConversionError(f"--model-type {model_type.name} is not supported on --backend {backend}: the "
+                              f"{family.name} family converts for --backend {' or '.join(family.backends)} only")
+
+
 def make_plan(config: ConversionConfig) -> ConversionPlan:
     """Validate everything about a conversion and return its plan (nothing is written)."""
     family, model_type = find_model_type(config.model_type)
+    check_backend(family, model_type, config.backend)
     if config.quantization not in family.quantizations:
         raise ConversionError(f"--quantization {config.quantization} is not supported for {model_type.name}")
     checkpoint = Path(config.input_ckpt)
