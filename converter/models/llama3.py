@@ -126,6 +126,10 @@ def litert_model_config(dims: Dims, config: dict, context: int, rotary: Rope, qk
     from functools import partial
 
     import torch
+
+    from ..litert_torch_shim import allow_import
+
+    allow_import()
     from litert_torch.generative.examples.llama import llama
     from litert_torch.generative.layers import model_config as cfg
 
