@@ -171,6 +171,12 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
 @click.option("--merge-unsupported", is_flag=True,
               help="With --merge-lora: also merge what the runtime cannot take as LoRA (DoRA, embedding LoRA, "
                    "modules_to_save tensors, targets outside the runtime's LoRA set).")
+@click.option("--kv-cache-size", type=int, default=None,
+              help=f"--backend cpu: positions of the graph's KV cache, prompt and output together "
+                   f"[default: {options.DEFAULT_KV_CACHE_SIZE}].")
+@click.option("--prefill-length", type=int, default=None,
+              help=f"--backend cpu: prompt tokens per prefill step [default: {options.DEFAULT_PREFILL_LENGTH}, "
+                   f"at most --kv-cache-size].")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, rope_theta,
-                   sized_parameters)
+from .base import (Architecture, CpuGraph, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close,
+                   rope_theta, sized_parameters)
 from .values import number, optional_number, text
 
 H = ("hidden_size",)
@@ -138,4 +138,8 @@ FAMILY = ModelFamily(
     tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
+    backends=("gpu", "cpu"),
+    # litert-torch's Gemma 1: its norm before the MLP is the block's `post_atten_norm`.
+    cpu=CpuGraph("gemma.gemma1", "get_model_config_2b", "Gemma1",
+                 params={"mlp_norm": "transformer_blocks.{i}.post_atten_norm.weight"}, lora=True),
 )
