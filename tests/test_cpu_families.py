@@ -16,15 +16,15 @@ from converter.models.base import dims_from_config
 
 from .conftest import TOKENIZER, run_convert
 
+# The checked-in tiny tokenizer's vocabulary and ids (512 pieces, <bos> 2, <eos> 1).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=300, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+            vocab_size=512, max_position_embeddings=64, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)
 # Llama 3's scaling with a short original context, so that it changes the tiny model's output.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
 FAMILIES: dict[str, tuple[str, dict]] = {
-    "llama": ("LLAMA3_2_1B", dict(rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                                  tie_word_embeddings=False)),
-    "qwen2": ("QWEN2_5_0_5B", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "llama": ("LLAMA3_2_1B", dict(rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "qwen2": ("QWEN2_5_0_5B", dict(rope_theta=1000000.0)),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,37 +65,46 @@ def config_of(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def test_litert_graph_agrees_with_transformers(checkpoint):
-    """The family's litert-torch ModelConfig, loaded with the checkpoint, gives transformers' logits
-    (Llama 3's rotary scaling, Qwen's q/k/v biases, tied and untied output projections)."""
-    from converter.litert_torch_shim import allow_import
+def cpu_plan(base: Path, model_type: str, out: Path, **options):
+    from converter.config import ConversionConfig
+    from converter.plan import make_plan
 
-    allow_import()
-    from litert_torch.generative.layers import kv_cache
-    from litert_torch.generative.utilities import model_builder
+    return make_plan(ConversionConfig(input_ckpt=base, ckpt_format="safetensors", model_type=model_type,
+                                      output_dir=out, vocab_model_file=TOKENIZER, backend="cpu", **options))
+
+
+def test_cpu_graph_agrees_with_transformers(checkpoint, tmp_path):
+    """The family's litert-torch graph, sized and loaded by the CPU backend from our plan, gives
+    transformers' logits (Llama 3's rotary scaling, Qwen's q/k/v biases, tied output projection)."""
     from transformers import AutoModelForCausalLM
 
+    from converter.cpu import graph
+    from converter.cpu.litert import litert_torch
+
     kind, base, _ = checkpoint
-    family, _ = find_model_type(FAMILIES[kind][0])
-    config = config_of(base)
-    dims = dims_from_config(family, config, "config.json")
-    module = __import__(f"converter.models.{family.name}", fromlist=["litert_config"])
     ids = torch.randint(0, TINY["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
 
-    def litert_logits(settings: dict) -> torch.Tensor:
-        graph = module.litert_config(dims, settings, 64)
-        names = (model_builder.TENSOR_NAMES if graph.lm_head_share_weight_with_embedding
-                 else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD)
-        model = model_builder.build_decoder_only_model(str(base), graph, names, mask_cache_size=64)
+    def cpu_logits(settings: dict) -> torch.Tensor:
+        plan = cpu_plan(base, FAMILIES[kind][0], tmp_path / "out")
+        plan.hf_config = settings
+        try:
+            config = graph.model_config(plan, 64)
+            model = graph.build_model(plan, config)
+            graph.load_weights(plan, model, config)
+        finally:
+            plan.close()
+        cache = litert_torch().kv_cache.KVCache.from_model_config(64, config)
+        mask = torch.triu(torch.full((ids.shape[1], 64), float("-inf")), diagonal=1)[None, None]
         with torch.no_grad():
-            return model(ids, torch.arange(ids.shape[1]), kv_cache.KVCache.from_model_config(64, graph))["logits"]
+            return model(ids, torch.arange(ids.shape[1]), cache, mask=mask)["logits"]
 
-    assert torch.allclose(litert_logits(config), expected, atol=1e-5, rtol=0)
+    config = config_of(base)
+    assert torch.allclose(cpu_logits(config), expected, atol=1e-5, rtol=0)
     if kind == "llama":  # the scaling is honoured: without it the logits differ
         unscaled = {**config, "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
-        assert (litert_logits(unscaled) - expected).abs().max() > 1e-3
+        assert (cpu_logits(unscaled) - expected).abs().max() > 1e-3
 
 
 def test_gpu_backend_is_refused_in_one_line(checkpoint, tmp_path):
@@ -103,10 +112,8 @@ def test_gpu_backend_is_refused_in_one_line(checkpoint, tmp_path):
     out = tmp_path / "out"
     result = run_convert("--model-type", FAMILIES[kind][0], "--input-ckpt", base, "--vocab-model-file", TOKENIZER,
                          "--output-dir", out)
-    family = "llama3" if kind == "llama" else "qwen2"
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr == (f"error: --model-type {FAMILIES[kind][0]} is not supported on --backend gpu: the "
-                             f"{family} family converts for --backend cpu only\n")
+    assert result.stderr == f"error: --backend gpu is not supported for {FAMILIES[kind][0]} (backends: cpu)\n"
     assert not out.exists()
 
 
@@ -126,8 +133,8 @@ def test_peft_adapter_is_read_with_every_target(checkpoint):
 @pytest.mark.parametrize("model_type, config", [
     ("LLAMA3_2_1B", dict(model_type="llama", num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256)),
-    ("LLAMA3_1_8B", dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    ("LLAMA3_2_3B", dict(model_type="llama", num_hidden_layers=28, hidden_size=3072, intermediate_size=8192,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256)),
     ("QWEN2_5_0_5B", dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, intermediate_size=4864,
                           num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)),
 ])
@@ -141,6 +148,7 @@ def test_model_type_is_inferred_from_real_configs(tmp_path, model_type, config):
     ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["low_freq_factor"]),
     ("llama", dict(attention_bias=True), ["attention_bias True"]),
     ("llama", dict(hidden_act="gelu"), ["hidden_act 'gelu'"]),
+    ("llama", dict(tie_word_embeddings=False), ["tie_word_embeddings false"]),
     ("qwen2", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), ["rope_scaling type 'linear'"]),
     ("qwen2", dict(use_sliding_window=True), ["use_sliding_window"]),
 ])

@@ -1,24 +1,25 @@
-"""Llama 3.x: LLAMA3_2_1B, LLAMA3_2_3B, LLAMA3_1_8B, Hugging Face `LlamaForCausalLM` (CPU only).
+"""Llama 3.x: LLAMA3_2_1B, LLAMA3_2_3B, Hugging Face `LlamaForCausalLM` (CPU only).
 
 RMSNorm before attention and MLP, SiLU-gated MLP, no biases, grouped-query attention, rotary on
 the whole head with base `rope_theta` (500000) and Llama 3's frequency scaling (`rope_scaling`
 of type "llama3": long wavelengths divided by `factor`, short ones kept, the band between blended),
-the output projection tied to the embedding (1B, 3B) or a separate `lm_head` (8B). MediaPipe's GPU
-runtime has no Llama model type; the CPU backend builds the graph with litert-torch. The settings
-that vary between checkpoints (norm epsilon, rotary base and scaling) are read from config.json.
-The layer rules are Gemma's (same Hugging Face names); Qwen 2.5 (qwen2.py) extends this file.
+the output projection tied to the embedding. MediaPipe's GPU runtime has no Llama model type; the
+CPU backend builds litert-torch's Llama 3.2 graph, with the settings that vary between checkpoints
+(norm epsilon, rotary base and scaling) read from config.json. The tensor and LoRA rules are
+Gemma's (same Hugging Face names); Qwen 2.5 (qwen2.py) extends this file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Architecture, Dims, ModelFamily, ModelType, Role, WeightRule, rope_theta, sized_parameters
+from .base import Architecture, CpuGraph, Dims, ModelFamily, ModelType, rope_theta, sized_parameters
 from .checks import require
-from .gemma import FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, K, O, Q, V, norm
+from .gemma import EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, TIED_LM_HEAD, K, O, Q, V, norm
 from .values import flag, integer, mapping, number, text
 
 BACKENDS = ("cpu",)
@@ -29,11 +30,6 @@ START_TOKEN_ID = 128000  # <|begin_of_text|>
 STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>")
 ARCHITECTURE = Architecture(norm_eps=NORM_EPS, rope_theta=ROPE_THETA, free_head_dim=True)
 
-EMBEDDING = WeightRule("model.embed_tokens.weight", "params.lm.token_embedding.w", Role.EMBEDDING,
-                       ("vocab_size", "hidden_size"), lookup_order=True, slot="embedding")
-# Tied checkpoints (tie_word_embeddings: 1B, 3B) have no lm_head: the embedding is read in its place.
-LM_HEAD = WeightRule("lm_head.weight", "params.lm.softmax.logits_ffn.w", Role.EMBEDDING, ("vocab_size", "hidden_size"),
-                     tied=EMBEDDING.hf, slot="lm_head")
 MLP_NORM = norm("post_attention_layernorm", "ff_layer.pre_layer_norm.scale", "mlp_norm")
 
 
@@ -42,7 +38,7 @@ class Rope:
     """The rotary embedding of a checkpoint: base, and Llama 3's scaling when `factor` is set."""
 
     theta: float
-    factor: float | None = None
+    factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
@@ -82,6 +78,9 @@ def check_common(config: dict) -> None:
     sliding window, biases on the MLP or the output projection."""
     require(config, "hidden_act", ("silu",), "silu")
     require(config, "mlp_bias", (False,), False)
+    if not flag(config, "tie_word_embeddings", True):
+        raise ConversionError("config.json: tie_word_embeddings false (a separate lm_head) is not supported: the "
+                              "CPU graph's output projection is the embedding")
     if flag(config, "use_sliding_window", False):
         raise ConversionError("config.json: use_sliding_window true is not supported (the CPU graph attends to "
                               "every position)")
@@ -115,44 +114,17 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return llama_parameters(dims, config, START_TOKEN_ID, STOP_TOKENS, qkv_bias=False)
 
 
-def litert_config(dims: Dims, config: dict, context: int) -> Any:
-    """litert-torch's ModelConfig for a Llama 3.x checkpoint (its Llama 3.2 example's layers, with
-    the checkpoint's sizes, epsilon, rotary base and scaling), for a KV cache of `context` positions."""
-    return litert_model_config(dims, config, context, rope(config), qkv_bias=False)
-
-
-def litert_model_config(dims: Dims, config: dict, context: int, rotary: Rope, qkv_bias: bool) -> Any:
-    """litert-torch's ModelConfig for a Llama-style decoder (shared with Qwen 2.5)."""
-    from functools import partial
-
-    import torch
-
-    from ..litert_torch_shim import allow_import
-
-    allow_import()
-    from litert_torch.generative.examples.llama import llama
-    from litert_torch.generative.layers import model_config as cfg
-
-    norm_config = cfg.NormalizationConfig(type=cfg.NormalizationType.RMS_NORM, epsilon=norm_eps(config))
-    block = cfg.TransformerBlockConfig(
-        attn_config=cfg.AttentionConfig(num_heads=dims.num_heads, head_dim=dims.head_dim,
-                                        num_query_groups=dims.num_kv_heads, rotary_base=rotary.theta,
-                                        rotary_percentage=1.0, qkv_use_bias=qkv_bias),
-        ff_config=cfg.FeedForwardConfig(type=cfg.FeedForwardType.GATED,
-                                        activation=cfg.ActivationConfig(cfg.ActivationType.SILU),
-                                        intermediate_size=dims.intermediate_size),
-        pre_attention_norm_config=norm_config,
-        post_attention_norm_config=norm_config,
-    )
-    extra = {}
-    if rotary.factor is not None:
-        extra["build_rope"] = partial(llama._build_llama3_rope_cache, condense_ratio=1, dtype=torch.float32,
-                                      device=torch.device("cpu"), factor=rotary.factor,
-                                      low_freq_factor=rotary.low_freq_factor,
-                                      high_freq_factor=rotary.high_freq_factor, max_seq_len=rotary.original_context)
-    return cfg.ModelConfig(vocab_size=dims.vocab_size, num_layers=dims.num_layers, max_seq_len=context,
-                           embedding_dim=dims.hidden_size, block_configs=block, final_norm_config=norm_config,
-                           lm_head_share_weight_with_embedding=flag(config, "tie_word_embeddings", True), **extra)
+def configure(model: Any, config: dict) -> None:
+    """config.json's settings beyond the sizes on litert-torch's Llama 3.2 ModelConfig (`CpuGraph.configure`):
+    RMSNorm epsilon, rotary base and Llama 3 scaling (factor 1 leaves every frequency as it is)."""
+    rotary, eps = rope(config), norm_eps(config)
+    for block in model.block_configs:
+        block.attn_config.rotary_base = rotary.theta
+        block.pre_attention_norm_config.epsilon = block.post_attention_norm_config.epsilon = eps
+    model.final_norm_config.epsilon = eps
+    model.build_rope = partial(model.build_rope.func, **{
+        **model.build_rope.keywords, "factor": rotary.factor, "low_freq_factor": rotary.low_freq_factor,
+        "high_freq_factor": rotary.high_freq_factor, "max_seq_len": rotary.original_context})
 
 
 LAYER = (INPUT_NORM, Q, K, V, O, MLP_NORM, *MLP)
@@ -164,14 +136,16 @@ FAMILY = ModelFamily(
         # enum 0: MediaPipe has no Llama model type (CPU only; nothing is written for the GPU).
         ModelType("LLAMA3_2_1B", 0, Dims(16, 2048, 8192, 32, 8, 64, 128256), context=131072),
         ModelType("LLAMA3_2_3B", 0, Dims(28, 3072, 8192, 24, 8, 128, 128256), context=131072),
-        ModelType("LLAMA3_1_8B", 0, Dims(32, 4096, 14336, 32, 8, 128, 128256), context=131072),
     ),
     head=(EMBEDDING,),
     layer=LAYER,
-    tail=(FINAL_NORM, LM_HEAD),
+    tail=(FINAL_NORM,),
     lora=LORA,
     required_lora=REQUIRED_LORA,
+    tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     backends=BACKENDS,
     architecture=ARCHITECTURE,
+    cpu=CpuGraph("llama.llama", "get_1b_model_config", "Llama",
+                 params={"mlp_norm": "transformer_blocks.{i}.post_atten_norm.weight"}, lora=True, configure=configure),
 )
