@@ -26,8 +26,8 @@ class CpuGraphInfo:
     lora_inputs: dict[str, tuple[int, ...]]  # LoRA input name -> shape
 
 
-def _model(path: Path) -> schema.Model | None:
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+def _model(path: Path, offset: int = 0, size: int | None = None) -> schema.Model | None:
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=None if size is None else (size,))
     if len(data) < 8 or bytes(data[4:8]) != b"TFL3":
         return None
     return schema.Model.GetRootAs(data, 0)
@@ -42,9 +42,10 @@ def is_cpu_graph(path: Path) -> bool:
         return False
 
 
-def read_cpu_graph(path: Path) -> CpuGraphInfo:
-    """The graph's signatures, vocabulary and LoRA inputs; refuse one without a decode signature."""
-    model = _model(path)
+def read_cpu_graph(path: Path, offset: int = 0, size: int | None = None) -> CpuGraphInfo:
+    """The graph's signatures, vocabulary and LoRA inputs (of the file, or of `size` bytes at
+    `offset` in a .litertlm); refuse one without prefill and decode signatures."""
+    model = _model(path, offset, size)
     if model is None:
         raise ConversionError(f"{path}: not a TFLite file")
     signatures = {}

@@ -68,14 +68,36 @@ def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], pat
         pin_system_metadata(handle)
 
 
-def pin_system_metadata(handle: BinaryIO) -> None:
-    """Replace the header's random uuid and creation time (see the module docstring) in the
-    container just written to `handle`; the sections do not move."""
+def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
+    """The container's header and where it ends."""
     handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
     header_end = int.from_bytes(handle.read(8), "little")
     start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
     handle.seek(start)
-    header = schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0)
+    return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
+
+
+def model_section(path: Path) -> tuple[str, int, int]:
+    """(model_type, begin, end) of a .litertlm's TFLite model section (`tf_lite_prefill_decode` for
+    a CPU graph, `tf_lite_artisan_text_decoder` for GPU weights)."""
+    try:
+        with open(path, "rb") as handle:
+            header, _ = read_header(handle)
+    except (OSError, ValueError, IndexError, TypeError) as error:
+        raise ConversionError(f"{path}: cannot read its .litertlm header ({error})") from None
+    for section in header.sectionMetadata.objects or []:
+        types = [item.value.value for item in section.items or [] if item.key == b"model_type"]
+        if types:
+            value = types[0]
+            return (value.decode() if isinstance(value, bytes) else value), section.beginOffset, section.endOffset
+    raise ConversionError(f"{path}: its .litertlm has no TFLite model section")
+
+
+def pin_system_metadata(handle: BinaryIO) -> None:
+    """Replace the header's random uuid and creation time (see the module docstring) in the
+    container just written to `handle`; the sections do not move."""
+    header, header_end = read_header(handle)
+    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
     first_section = min(section.beginOffset for section in header.sectionMetadata.objects)
     digest = hashlib.sha256()
     handle.seek(first_section)

@@ -98,25 +98,32 @@ def _param_name(weight: str, layer: int | None, slot: str) -> str:
     return name.removesuffix(".weight") + ".bias" if slot.endswith(".bias") else name
 
 
-def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> None:
-    """Read every planned tensor (merged with the adapter under --merge-lora) into the model."""
-    params = {**COMMON_PARAMS, **_cpu(plan).params}
-    slots = planned_slots(plan)
-    state: dict[str, torch.Tensor] = {}
-    for (layer, slot), item in slots.items():
-        if slot.removesuffix(".bias") in ("q", "k", "v"):
-            continue
+def parameter_names(plan: ConversionPlan) -> dict[tuple[int | None, str], str]:
+    """The graph parameter each planned (layer, slot) loads into (q, k and v into the fused one)."""
+    params = {**COMMON_PARAMS, **_cpu(plan).params, "q": QKV, "k": QKV, "v": QKV}
+    names = {}
+    for (layer, slot), item in planned_slots(plan).items():
         base = slot.removesuffix(".bias")
         if base not in params:
             raise ConversionError(f"--backend cpu: {plan.family.name}'s CPU graph has no place for {item.source}")
-        state[_param_name(params[base], layer, slot)] = _read(plan, item)
+        names[(layer, slot)] = _param_name(params[base], layer, slot)
+    return names
+
+
+def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> None:
+    """Read every planned tensor (merged with the adapter under --merge-lora) into the model."""
+    slots, names = planned_slots(plan), parameter_names(plan)
+    state: dict[str, torch.Tensor] = {}
+    for key, item in slots.items():
+        if key[1].removesuffix(".bias") not in ("q", "k", "v"):
+            state[names[key]] = _read(plan, item)
     for layer in range(plan.dims.num_layers):
         attention = config.block_config(layer).attn_config
         for q_slot in ("q", "q.bias"):
             if (layer, q_slot) in slots:
                 suffix = q_slot.removeprefix("q")
                 q, k, v = (_read(plan, slots[(layer, s + suffix)]) for s in "qkv")
-                state[_param_name(QKV, layer, q_slot)] = _fuse_qkv(attention, q, k, v)
+                state[names[(layer, q_slot)]] = _fuse_qkv(attention, q, k, v)
     if (None, "lm_head") not in slots:
         state["lm_head.weight"] = state["tok_embedding.weight"]
     result = model.load_state_dict(state, strict=False, assign=True)  # a tied lm_head shares the embedding's storage

@@ -46,6 +46,9 @@ def litert_torch() -> types.SimpleNamespace:
         from litert_torch.generative.layers import model_config
     except ImportError as error:
         raise ConversionError(f"{INSTALL_HINT} ({error})") from None
+    from litert_torch import _config
+
+    _config.config.show_progress = False  # its step-by-step log; lora-convert reports progress itself
     lora = _import_lora_module()
     from litert_torch._convert import interface
     from litert_torch.generative.layers import kv_cache

@@ -90,6 +90,14 @@ def attention_scale_type(dims: Dims, config: dict) -> int:
     )
 
 
+def check_cpu_query_scale(config: dict, head_dim: int) -> None:
+    """litert-torch's attention scales queries by 1/sqrt(head_dim) only (--backend cpu)."""
+    scalar = number(config, "query_pre_attn_scalar", head_dim, above_low=True)
+    if scalar != head_dim:
+        raise ConversionError(f"config.json: query_pre_attn_scalar {scalar:g} cannot be expressed by --backend cpu: "
+                              f"litert-torch's graph scales queries by 1/sqrt(head_dim={head_dim})")
+
+
 def soft_cap(config: dict, key: str, default: float | None) -> float:
     """A tanh soft cap from config.json: absent means `default`, null means off (written as 0)."""
     return optional_number(config, key, default, above_low=True) or 0.0
