@@ -181,3 +181,32 @@ def test_missing_tensors_are_named(checkpoint, tmp_path):
     with closing(open_checkpoint(tmp_path / "model.safetensors", "safetensors")) as source, \
             pytest.raises(ConversionError, match=f"missing tensor\\(s\\) {gone.replace('.', '[.]')} for a 2-layer"):
         plan_base(family, dims, source, "int8")
+
+
+
+def test_cli_refuses_bad_llama_checkpoints_in_one_line(checkpoint, tmp_path):
+    """--backend cpu: an unmodelled rotary scaling and a missing tensor are one line each; nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    kind, base, _ = checkpoint
+    if kind != "llama":
+        pytest.skip("the Llama checkpoint's cases")
+    yarn, missing = tmp_path / "yarn", tmp_path / "missing"
+    for folder in (yarn, missing):
+        folder.mkdir()
+        (folder / "config.json").write_text((base / "config.json").read_text())
+    tensors = load_file(base / "model.safetensors")
+    save_file(tensors, yarn / "model.safetensors")
+    config = config_of(base)
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}
+    (yarn / "config.json").write_text(json.dumps(config))
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, missing / "model.safetensors")
+    for folder, expected in ((yarn, "error: config.json: rope_scaling type 'yarn' is not supported"),
+                             (missing, "error: checkpoint is missing tensor(s) model.layers.0.self_attn.k_proj.weight")):
+        out = tmp_path / f"out-{folder.name}"
+        result = run_convert("--backend", "cpu", "--model-type", "LLAMA3_2_1B", "--input-ckpt", folder,
+                             "--vocab-model-file", TOKENIZER, "--output-dir", out, "--quiet")
+        assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith(expected), result.stderr
+        assert not out.exists()
