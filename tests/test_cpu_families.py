@@ -210,3 +210,37 @@ def test_cli_refuses_bad_llama_checkpoints_in_one_line(checkpoint, tmp_path):
         assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
         assert result.stderr.startswith(expected), result.stderr
         assert not out.exists()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def generated(request, tmp_path_factory):
+    """(kind, base model, PEFT model, LiteRT-LM's texts): `lora-convert --backend cpu` (fp32) with a
+    rank-4 q/k/v/o adapter (alpha 8) as a LoRA file, `lora-bundle --format litertlm`, then LiteRT-LM's
+    CPU backend, greedy, with and without the LoRA file (the CPU backend's test helpers)."""
+    helpers = pytest.importorskip("tests.test_cpu_backend", reason="the CPU backend's tests (branch h-cpu-core)")
+    kind = request.param
+    folder = tmp_path_factory.mktemp(f"{kind}-litertlm")
+    model = tiny_model(kind)
+    model.save_pretrained(folder / "ckpt")
+    peft = helpers.peft_model(tiny_model(kind))
+    peft.save_pretrained(folder / "adapter")
+    bundle = helpers.cpu_convert(folder / "ckpt", FAMILIES[kind][0], folder / "out", TOKENIZER, "--quantization", "fp32",
+                         "--lora-ckpt", folder / "adapter", "--lora-output-tflite-file", folder / "out" / "lora.bin")
+    # Base texts from an engine that never saw the LoRA: LiteRT-LM 0.18.1's CPU executor keeps the last
+    # LoRA it loaded for later sessions that name none.
+    prompts, tokens = helpers.PROMPTS, helpers.MAX_TOKENS
+    texts = {"base": helpers.run_cpu(bundle, prompts, tokens)["base"],
+             "lora": helpers.run_cpu(bundle, prompts, tokens, folder / "out" / "lora.bin")["lora"]}
+    return kind, model, peft, texts
+
+
+def test_litertlm_cpu_generates_transformers_and_peft_text(generated):
+    from .test_cpu_backend import PROMPTS, hf_greedy, peft_model
+
+    kind, model, peft, texts = generated
+    expected = [hf_greedy(peft, prompt) for prompt in PROMPTS]
+    assert texts["lora"] == expected
+    assert texts["base"] == [hf_greedy(model, prompt) for prompt in PROMPTS]
+    assert texts["lora"] != texts["base"]  # the runtime picked the adapter up
+    unscaled = peft_model(tiny_model(kind), alpha=4)  # alpha = r: PEFT's scale 2 is what makes the text
+    assert texts["lora"] != [hf_greedy(unscaled, prompt) for prompt in PROMPTS]
