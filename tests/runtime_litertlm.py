@@ -24,10 +24,12 @@ def main() -> None:
         backend = lm.Backend.CPU() if cpu else lm.Backend.GPU()
         engine = lm.Engine(model, backend=backend, max_num_tokens=max_tokens, cache_dir=cache, **options)
         texts = {"base": [], "lora": [] if lora else None}
-        for text in prompts:
-            for name, path in (("base", None), ("lora", lora)):
-                if name == "lora" and not path:
-                    continue
+        # Every base session before any LoRA one: LiteRT-LM's CPU executor keeps applying a LoRA it
+        # loaded to later sessions of the engine that name none.
+        for name, path in (("base", None), ("lora", lora)):
+            if name == "lora" and not path:
+                continue
+            for text in prompts:
                 extra = {"lora_config": lm.LoraConfig(lora_path=path)} if path else {}
                 session = engine.create_session(apply_prompt_template=False, sampler_config=lm.SamplerConfig(
                     top_k=1, temperature=0.0, seed=0), **extra)

@@ -21,7 +21,9 @@ def execute_cpu(plan: ConversionPlan, progress: Progress = lambda n: None) -> Co
     graph.load_weights(plan, model, model_config)
     progress(sum(item.nbytes for item in plan.base))
     lora_inputs = lora.lora_tensors(plan) if plan.lora is not None else None
-    sample = export.lora_sample(lora_inputs, plan.dims.num_layers) if lora_inputs is not None else None
+    sample = None
+    if lora_inputs is not None:
+        model, sample = graph.with_lora(model), export.lora_sample(lora_inputs, plan.dims.num_layers)
     written = 0
     with files.atomic_output(config.output_path, "--output-tflite-file") as handle:
         export.export(model, model_config, handle, config.output_path.parent, config.quantization, config.cpu_prefill_length,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -64,8 +65,10 @@ def build_model(plan: ConversionPlan, config: Any) -> torch.nn.Module:
 
 
 def _fuse_qkv(attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k and v as litert-torch's fused projection holds them: per KV group (its default) or whole."""
-    if not attention.qkv_fused_interleaved:
+    """q, k and v as litert-torch's fused projection splits them: whole (q heads, k heads, v heads)
+    when it splits heads before groups (`qkv_transpose_before_split`, Gemma 2 and 3) or is not
+    interleaved, else per KV group (q heads of the group, its k, its v)."""
+    if attention.qkv_transpose_before_split or not attention.qkv_fused_interleaved:
         return torch.cat([q, k, v])
     groups = attention.num_query_groups
     parts = zip(q.chunk(groups), k.chunk(groups), v.chunk(groups))
@@ -135,3 +138,46 @@ def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> N
         raise ConversionError(f"--backend cpu: {plan.family.name}'s CPU graph has tensors no checkpoint tensor fills: "
                               f"{', '.join(left[:5])}")
     model.eval()
+
+
+class _LoRAAttention(torch.nn.Module):
+    """A block's attention applying the LoRA entry set for the current call (see `with_lora`)."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        self.attention = attention
+        self.entry: Any = None
+
+    def forward(self, x: torch.Tensor, rope: Any = None, mask: Any = None, input_pos: Any = None,
+                kv_cache: Any = None) -> Any:
+        return self.attention(x, rope, mask, input_pos, kv_cache, self.entry)
+
+
+class _WithLoRA(torch.nn.Module):
+    """A litert-torch model whose blocks do not pass LoRA to their attention (Gemma 2, Gemma 3),
+    taking `lora` as its own input: each call hands every block's attention its layer's entry."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.blocks: list[Any] = list(model.get_submodule("transformer_blocks").children())
+        for block in self.blocks:
+            block.atten_func = _LoRAAttention(block.atten_func)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: Any, mask: Any = None,
+                lora: Any = None, export_config: Any = None) -> Any:
+        for block, entry in zip(self.blocks, lora.adapters if lora is not None else [None] * len(self.blocks)):
+            block.atten_func.entry = entry
+        try:
+            return self.model(tokens, input_pos, kv_cache, mask=mask, export_config=export_config)
+        finally:
+            for block in self.blocks:
+                block.atten_func.entry = None
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The model taking LoRA signature inputs: as it is when its forward has `lora`, else wrapped
+    (litert-torch's attention layer applies LoRA; only some model classes pass it on)."""
+    if "lora" in inspect.signature(model.forward).parameters:
+        return model
+    return _WithLoRA(model)

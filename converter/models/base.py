@@ -165,7 +165,8 @@ class CpuGraph:
     returns the real model's `ModelConfig` (converter/cpu/graph.py resizes it to config.json's
     sizes) and `model` its model class. `params` names the litert-torch parameter each slot
     (see `LAYER_SLOTS`) loads into, beyond the common ones in converter/cpu/graph.py. `lora`: the
-    model class takes LoRA signature inputs (litert-torch applies them to q/k/v/o only).
+    graph takes LoRA signature inputs (litert-torch's attention applies them to q/k/v/o; a model
+    class that does not pass them on is wrapped, see converter/cpu/graph.py's `with_lora`).
     `configure(model_config, config_json)` sets what config.json decides beyond the sizes (soft
     caps, sliding windows); it only sets attributes, so family files never import litert-torch.
     """

@@ -67,5 +67,6 @@ FAMILY = ModelFamily(
     parameters=parameters,
     architecture=ARCHITECTURE,
     backends=("gpu", "cpu"),
-    cpu=CpuGraph("gemma.gemma2", "get_model_config_2b", "Gemma2", params=CPU_NORMS, configure=configure_cpu),
+    cpu=CpuGraph("gemma.gemma2", "get_model_config_2b", "Gemma2", params=CPU_NORMS, configure=configure_cpu,
+                 lora=True),
 )

@@ -153,5 +153,6 @@ FAMILY = ModelFamily(
     untokenized_rows=64,
     text_config=text_config,
     backends=("gpu", "cpu"),
-    cpu=CpuGraph("gemma3.decoder", "get_decoder_config_1b", "Decoder", params=CPU_NORMS, configure=configure_cpu),
+    cpu=CpuGraph("gemma3.decoder", "get_decoder_config_1b", "Decoder", params=CPU_NORMS, configure=configure_cpu,
+                 lora=True),
 )
