@@ -14,6 +14,7 @@ from converter.errors import ConversionError
 from converter.models import find_model_type
 from converter.models.base import dims_from_config
 
+from . import test_cpu_backend as helpers  # LiteRT-LM CPU runs, PEFT adapters, greedy text
 from .conftest import TOKENIZER, run_convert
 
 # The checked-in tiny tokenizer's vocabulary and ids (512 pieces, <bos> 2, <eos> 1).
@@ -216,8 +217,7 @@ def test_cli_refuses_bad_llama_checkpoints_in_one_line(checkpoint, tmp_path):
 def generated(request, tmp_path_factory):
     """(kind, base model, PEFT model, LiteRT-LM's texts): `lora-convert --backend cpu` (fp32) with a
     rank-4 q/k/v/o adapter (alpha 8) as a LoRA file, `lora-bundle --format litertlm`, then LiteRT-LM's
-    CPU backend, greedy, with and without the LoRA file (the CPU backend's test helpers)."""
-    helpers = pytest.importorskip("tests.test_cpu_backend", reason="the CPU backend's tests (branch h-cpu-core)")
+    CPU backend, greedy, with and without the LoRA file (with tests/test_cpu_backend.py's helpers)."""
     kind = request.param
     folder = tmp_path_factory.mktemp(f"{kind}-litertlm")
     model = tiny_model(kind)
@@ -235,12 +235,10 @@ def generated(request, tmp_path_factory):
 
 
 def test_litertlm_cpu_generates_transformers_and_peft_text(generated):
-    from .test_cpu_backend import PROMPTS, hf_greedy, peft_model
-
     kind, model, peft, texts = generated
-    expected = [hf_greedy(peft, prompt) for prompt in PROMPTS]
+    expected = [helpers.hf_greedy(peft, prompt) for prompt in helpers.PROMPTS]
     assert texts["lora"] == expected
-    assert texts["base"] == [hf_greedy(model, prompt) for prompt in PROMPTS]
+    assert texts["base"] == [helpers.hf_greedy(model, prompt) for prompt in helpers.PROMPTS]
     assert texts["lora"] != texts["base"]  # the runtime picked the adapter up
-    unscaled = peft_model(tiny_model(kind), alpha=4)  # alpha = r: PEFT's scale 2 is what makes the text
-    assert texts["lora"] != [hf_greedy(unscaled, prompt) for prompt in PROMPTS]
+    unscaled = helpers.peft_model(tiny_model(kind), alpha=4)  # alpha = r: PEFT's scale 2 is what makes the text
+    assert texts["lora"] != [helpers.hf_greedy(unscaled, prompt) for prompt in helpers.PROMPTS]
