@@ -83,6 +83,7 @@ class LiteRTLMRuntime(Runtime[Path]):
         self._lock = threading.RLock()  # one request at a time on the worker's pipes
         self._worker: _Worker | None = None
         self._rank = 0
+        self._lora_applied = False  # whether the worker's engine has run a session with a LoRA
 
     def _started(self) -> _Worker:
         """The worker, started (and its engine made) when there is none."""
@@ -115,6 +116,7 @@ class LiteRTLMRuntime(Runtime[Path]):
         return answer
 
     def close(self) -> None:
+        self._lora_applied = False
         if self._worker is not None:
             self._worker.close()
             self._worker = None
@@ -151,7 +153,12 @@ class LiteRTLMRuntime(Runtime[Path]):
                                   "the engine was made with")
         used = self.prompt_tokens(prompt)
         check_room(used, options)
+        if adapter is None and self._lora_applied and self.backend == "cpu":
+            # LiteRT-LM's CPU executor (0.18) keeps applying the last LoRA it loaded to later sessions
+            # that name none: the base gets a fresh engine.
+            self.close()
         self._started()  # made before the clock starts: tokens/s counts the generation alone
+        self._lora_applied = self._lora_applied or adapter is not None
         start = time.perf_counter()
         self._send(generate=prompt, lora=str(adapter) if adapter else None, top_k=options.top_k,
                    temperature=options.temperature, seed=options.random_seed, max_new=options.max_tokens - used)

@@ -30,7 +30,8 @@ class Worker:
 
         self.lm, self.answers = lm, answers
         lm.set_min_log_severity(lm.LogSeverity.ERROR)
-        options = {"lora_rank_config": lm.LoraRankConfig(lora_rank=rank)} if rank else {}
+        # The GPU executor's LoRA rank is an engine option; a CPU graph's is fixed by its LoRA inputs.
+        options = {"lora_rank_config": lm.LoraRankConfig(lora_rank=rank)} if rank and backend == "gpu" else {}
         self.engine = lm.Engine(model, backend=getattr(lm.Backend, BACKENDS[backend])(), max_num_tokens=max_tokens,
                                 cache_dir=cache, **options)
         self.cancelled = threading.Event()

@@ -299,15 +299,17 @@ def swiftshader_vulkan():
             os.environ["VK_ICD_FILENAMES"] = before
 
 
-def run_litertlm(model: Path, prompts: str | list[str], max_tokens: int, lora: Path | None = None) -> dict:
-    """Greedy texts of LiteRT-LM's GPU backend through `--runtime litertlm`'s runtime (one engine):
-    {"base": text(s), "lora": text(s) or None}, a list for a list of prompts."""
+def run_litertlm(model: Path, prompts: str | list[str], max_tokens: int, lora: Path | None = None,
+                 cpu: bool = False) -> dict:
+    """Greedy texts of LiteRT-LM's GPU backend (CPU with `cpu`) through `--runtime litertlm`'s runtime
+    (one engine): {"base": text(s), "lora": text(s) or None}, a list for a list of prompts."""
     from harness.litertlm_runtime import LiteRTLMRuntime
     from harness.generate import Options
 
     greedy = Options(max_tokens, top_k=1, temperature=0.0)
     asked = [prompts] if isinstance(prompts, str) else prompts
-    with swiftshader_vulkan(), LiteRTLMRuntime(model, greedy) as runtime:
+    driver = contextlib.nullcontext() if cpu else swiftshader_vulkan()
+    with driver, LiteRTLMRuntime(model, greedy, "cpu" if cpu else "gpu") as runtime:
         if lora is not None:
             runtime.add_adapter("lora", lora)
         texts = {name: [runtime.generate(prompt, greedy, name).text for prompt in asked]
