@@ -210,7 +210,7 @@ def _cpu_model(model: Path, loras: list[tuple[str, Path]]) -> tuple[dict, list[t
     regular_file(model, "MODEL")
     model_type, begin, end = model_section(model)
     if model_type != "tf_lite_prefill_decode":
-        raise ConversionError(f"MODEL {model} is a .litertlm of GPU weights ({model_type}); package the .task or "
+        raise ConversionError(f"MODEL {model} is a .litertlm bundle of GPU weights ({model_type}); package the .task or "
                               ".bin for the GPU, or a .litertlm of a CPU graph (lora-convert --backend cpu)")
     graph = read_cpu_graph(model, begin, end - begin)
     adapters = [(name, path, check_cpu_adapter(graph, model, name, path)) for name, path in loras]
