@@ -214,7 +214,8 @@ def _cpu_model(model: Path, loras: list[tuple[str, Path]]) -> tuple[dict, list[t
                               ".bin for the GPU, or a .litertlm of a CPU graph (lora-convert --backend cpu)")
     graph = read_cpu_graph(model, begin, end - begin)
     adapters = [(name, path, check_cpu_adapter(graph, model, name, path)) for name, path in loras]
-    return {"format": "litertlm", "backend": "cpu", "model_type": None, "vocab_size": graph.vocab_size}, adapters
+    # The container names no MediaPipe model type; its section type says what it is.
+    return {"format": "litertlm", "backend": "cpu", "model_type": model_type, "vocab_size": graph.vocab_size}, adapters
 
 
 def write_android(output: Path, pack_name: str, delivery: str, files: list[PackagedFile]) -> None:
