@@ -147,6 +147,7 @@ def test_package_lays_out_the_cpu_model_with_its_lora_file(family, tmp_path):
                "--platform", "ios", "--output", tmp_path / "ios")
     manifest = json.loads((tmp_path / "ios" / "llm" / "manifest.json").read_text())
     assert manifest["model"]["format"] == "litertlm" and manifest["model"]["vocab_size"] == 512
+    assert manifest["model"]["model_type"] == "tf_lite_prefill_decode"
     assert [(a["name"], a["lora_rank"], a["targets"]) for a in manifest["adapters"]] == [
         ("tuned", 16, ["k", "o", "q", "v"])]
     assert (tmp_path / "ios" / "llm" / "lora.bin").read_bytes() == (out / "lora.bin").read_bytes()
