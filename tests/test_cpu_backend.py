@@ -4,6 +4,8 @@ family the CPU graph expresses; the trained example answers "hello world" with i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,22 @@ def test_trained_example_says_hello_world_on_the_cpu(tmp_path):
     generated = TRAINED_TOKENS - 1 - task.PROMPT_WORDS
     assert texts["base"] == [task.base_answer(prompt, generated) for prompt in prompts]
     assert texts["lora"] == [task.lora_answer(prompt) for prompt in prompts]
+    # `lora-run --runtime litertlm --backend cpu`: the adapter, then the base on the same runtime (LiteRT-LM's
+    # CPU executor would keep the LoRA for a session naming none), then the adapter again.
+    process = subprocess.run([sys.executable, "-m", "harness.cli", "--runtime", "litertlm", "--backend", "cpu",
+                              "--model", bundle, "--lora", f"hello={out / 'lora.bin'}", "--prompt", prompts[0],
+                              "--max-tokens", str(TRAINED_TOKENS), "--temperature", "0"],
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip() == texts["lora"][0].strip()
+    from harness.generate import Options
+    from harness.litertlm_runtime import LiteRTLMRuntime
+
+    greedy = Options(TRAINED_TOKENS, top_k=1, temperature=0.0)
+    with LiteRTLMRuntime(bundle, greedy, "cpu") as runtime:
+        runtime.add_adapter("hello", out / "lora.bin")
+        switched = [runtime.generate(prompts[0], greedy, name).text for name in ("hello", "base", "hello")]
+    assert switched == [texts["lora"][0], texts["base"][0], texts["lora"][0]]
 
 
 REFUSALS = [
