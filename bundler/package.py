@@ -158,6 +158,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConversionError(f"--lora names must be unique; repeated: {', '.join(duplicates)}")
+    regular_file(model, "MODEL")
     if file_kind(model) == "litertlm":
         model_info, adapters = _cpu_model(model, loras)
     else:
@@ -207,7 +208,6 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
 
 def _cpu_model(model: Path, loras: list[tuple[str, Path]]) -> tuple[dict, list[tuple[str, Path, WeightFile]]]:
     """A .litertlm holding a CPU graph (`lora-convert --backend cpu`) and its adapters, checked."""
-    regular_file(model, "MODEL")
     model_type, begin, end = model_section(model)
     if model_type != "tf_lite_prefill_decode":
         raise ConversionError(f"MODEL {model} is a .litertlm bundle of GPU weights ({model_type}); package the .task or "

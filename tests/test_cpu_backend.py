@@ -71,8 +71,8 @@ def peft_model(model, rank: int = 4, alpha: int = 8, seed: int = 7):
 
 def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     """Greedy text as LiteRT-LM decodes: <bos> + prompt, until <eos> or the KV cache is full; shown as
-    LiteRT-LM returns it, up to the first NUL byte (its text ends there: random tiny models do
-    generate the `<0x00>` byte piece)."""
+    LiteRT-LM streams it, without NUL bytes (its pieces are C strings: random tiny models do
+    generate the `<0x00>` byte piece, which then streams as nothing)."""
     tokenizer = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     ids = [BOS] + tokenizer.encode(prompt)
     out: list[int] = []
@@ -82,7 +82,7 @@ def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
             if token == EOS:
                 break
             out.append(token)
-    return tokenizer.decode(out).split("\x00")[0]
+    return tokenizer.decode(out).replace("\x00", "")
 
 
 def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = TOKENIZER, *extra) -> Path:
