@@ -179,6 +179,19 @@ def input_paths(config: ConversionConfig) -> list[tuple[str, Path | None]]:
     return inputs
 
 
+def check_outputs(plan: ConversionPlan) -> Path | None:
+    """Check the output paths (writable, none of them an input) before anything is written; the LoRA
+    file's path when the plan writes one."""
+    config = plan.config
+    lora_path = config.lora_output_path if plan.lora is not None else None
+    outputs = [("--output-tflite-file", config.output_path)]
+    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
+    for option, path in outputs:
+        files.check_output(path, option)
+    files.refuse_overwrite(outputs, input_paths(config))
+    return lora_path
+
+
 def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> ConversionResult:
     """Write the base file and, when planned, the LoRA file; both appear only if both succeed."""
     config = plan.config
@@ -186,12 +199,7 @@ def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> Conver
         from .cpu.convert import execute_cpu  # litert-torch is imported only for the CPU backend
 
         return execute_cpu(plan, progress)
-    lora_path = config.lora_output_path if plan.lora is not None else None
-    outputs = [("--output-tflite-file", config.output_path)]
-    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
-    for option, path in outputs:
-        files.check_output(path, option)
-    files.refuse_overwrite(outputs, input_paths(config))
+    lora_path = check_outputs(plan)
     base = file_writer(plan, plan.base, config.output_path, None)
     written = base.layout.file_size
     with base:
