@@ -187,7 +187,8 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
                       "targets": cpu_targets(lora) if cpu else describe_weights(lora)["lora_targets"]}
                      for name, path, lora in adapters],
         "files": [asdict(f) for f in files],
-        "runtime_options": {**options.as_mediapipe(), "loraRanks": sorted({lora.lora_rank for _, _, lora in adapters})},
+        "runtime_options": {**options.as_mediapipe(), "loraRanks": sorted({rank for _, _, lora in adapters
+                                                                        if (rank := lora.lora_rank) is not None})},
     }
     if platform == "android":
         manifest["delivery"] = delivery

@@ -377,6 +377,7 @@ def _value_notes(reader: _Reader, merges: list[TensorMerge], merging: bool) -> t
                 _largest(reader.source, key)
         if merge.a_key is None:
             continue
+        assert merge.b_key is not None  # a LoRA merge has both halves
         largest_a, largest_b = _largest(reader.source, merge.a_key), _largest(reader.source, merge.b_key)
         scaled = largest_b * abs(merge.scale)  # merging adds up to rank * |A| * |scale B| to a base value
         checks = ((merge.b_key, scaled * largest_a * merge.rank),) if merging else \
@@ -428,6 +429,8 @@ def _runtime_pairs(reader: _Reader, merges: list[TensorMerge]) -> list[LoraPair]
             raise reader.fail(f"{where(module)}: the {reader.model_type} runtime cannot apply this "
                               f"{merge.what}; merge it into the base weights with {MERGE_FLAGS}")
         layer = LAYER_MODULE.match(module)
+        if layer is None:
+            raise reader.fail(f"{where(module)}: not a layer's module, where the runtime applies LoRA")
         pairs.append(LoraPair(int(layer.group(1)), layer.group(2), merge.a_key, merge.b_key, merge.rank, merge.scale))
     return pairs
 

@@ -40,6 +40,7 @@ class MergedSource(TensorSource):
         """`(left, right, magnitude)` with `delta[rows] = left[rows] @ right`, scale folded into left;
         kept for the tensor being read only."""
         if self._factors is None or self._factors[0] != name:
+            assert merge.a_key is not None and merge.b_key is not None  # only LoRA merges have factors
             a, b = self._read(merge.a_key), self._read(merge.b_key)
             left, right = (a.t(), b.t()) if merge.embedding else (b, a)
             magnitude = self._read(merge.magnitude) if merge.magnitude else None

@@ -81,6 +81,7 @@ def read_vocabulary(model_path: Path, tokenizer_path: Path | None = None, weight
     if weights is None:
         weights, task = open_weights(Path(model_path), "--model")
     given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
+    blob: bytes | None
     if task is not None:
         blob = given or task.read(TOKENIZER_ENTRY)
         tokenizer = parse_sentencepiece(blob, f"{model_path}: entry {TOKENIZER_ENTRY}")
@@ -88,7 +89,8 @@ def read_vocabulary(model_path: Path, tokenizer_path: Path | None = None, weight
         start_id = tokenizer.piece_to_id(metadata.start_token)
         stops = list(metadata.stop_tokens)
     else:
-        blob = given or weights.metadata.get(SPM_VOCAB_MODEL)
+        stored = weights.metadata.get(SPM_VOCAB_MODEL)
+        blob = given or (stored if isinstance(stored, bytes) else None)
         if not blob:
             raise ConversionError(f"{model_path} has no embedded tokenizer; pass --tokenizer")
         tokenizer = parse_sentencepiece(blob, f"{model_path}: metadata {SPM_VOCAB_MODEL}")

@@ -156,6 +156,8 @@ class WebRuntime:
         self.console: list[str] = []
         self._files = _Files(self.package_dir)
         self._process: subprocess.Popen | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._profile: Path | None = None  # the browser's profile folder while it runs
         self._killed_by_timeout = False
         self._generated = False
 
@@ -175,13 +177,13 @@ class WebRuntime:
         reason = missing(self.chromium, self.package_dir)
         if reason:
             raise WebRuntimeError(reason)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self._files))
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self._server.server_port}"
-        self._profile = Path(tempfile.mkdtemp(prefix="lora-web-"))
-        with self._step("starting Chromium", self.timeouts.launch), open(self._profile / "chromium.log", "wb") as log:
+        self._server = server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self._files))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{server.server_port}"
+        self._profile = profile = Path(tempfile.mkdtemp(prefix="lora-web-"))
+        with self._step("starting Chromium", self.timeouts.launch), open(profile / "chromium.log", "wb") as log:
             self._process = subprocess.Popen(
-                [str(self.chromium), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
+                [str(self.chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
             port = self._devtools_port(time.monotonic() + self.timeouts.launch)
             self._playwright = _DRIVER.acquire()
@@ -198,11 +200,13 @@ class WebRuntime:
             raise WebRuntimeError("Chromium offers no WebGPU adapter (SwiftShader missing?)")
 
     def _devtools_port(self, deadline: float) -> int:
-        marker = self._profile / "DevToolsActivePort"
+        profile, process = self._profile, self._process
+        assert profile is not None and process is not None  # made by start()
+        marker = profile / "DevToolsActivePort"
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                log = (self._profile / "chromium.log").read_text(errors="replace")[-2000:]
-                raise WebRuntimeError(f"Chromium exited with status {self._process.returncode}: {log}")
+            if process.poll() is not None:
+                log = (profile / "chromium.log").read_text(errors="replace")[-2000:]
+                raise WebRuntimeError(f"Chromium exited with status {process.returncode}: {log}")
             if marker.exists() and marker.read_text().strip():
                 return int(marker.read_text().split()[0])
             time.sleep(0.05)
@@ -221,11 +225,11 @@ class WebRuntime:
         if getattr(self, "_playwright", None) is not None:
             _DRIVER.release()
             self._playwright = None
-        if getattr(self, "_server", None) is not None:
+        if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        if getattr(self, "_profile", None) is not None:
+        if self._profile is not None:
             shutil.rmtree(self._profile, ignore_errors=True)
             self._profile = None
 
@@ -290,7 +294,7 @@ class WebRuntime:
 
     def load_model(self, model: Path, options: RuntimeOptions, lora_ranks: list[int] | None = None) -> None:
         """LlmInference.createFromOptions on a .bin or .task (replaces the loaded one)."""
-        settings = {"maxTokens": options.max_tokens, "topK": options.top_k, "temperature": options.temperature,
+        settings: dict[str, object] = {"maxTokens": options.max_tokens, "topK": options.top_k, "temperature": options.temperature,
                     "randomSeed": options.random_seed}
         if lora_ranks and not all(isinstance(rank, int) and 1 <= rank < 2**31 for rank in lora_ranks):
             raise WebRuntimeError(f"loraRanks {lora_ranks}: expected positive 32-bit integers")
