@@ -35,7 +35,8 @@ def fail(exc: ConversionError) -> None:
 @version_option("lora-bundle")
 @click.option("--tflite-model", help="GPU weights file from lora-convert (or MediaPipe).")
 @click.option("--tokenizer-model",
-              help="SentencePiece tokenizer.model, or a Hugging Face tokenizer folder (.task only).")
+              help="SentencePiece tokenizer.model, or a Hugging Face tokenizer folder (tokenizer.json as it is for "
+                   ".litertlm, converted to SentencePiece for .task).")
 @click.option("--start-token", help="Start token, e.g. <bos>.")
 @click.option("--stop-tokens", multiple=True, help="Stop token (repeat for several).")
 @click.option("--output-filename", help="Bundle path (.task / .litertlm is appended if missing).")

@@ -3,8 +3,10 @@
 Written with Google's `litert-lm-builder`. LiteRT-LM runs a MediaPipe GPU weights file when it
 is a TFLiteModel section of type `tf_lite_artisan_text_decoder` (its "GPU artisan" executor), and
 a CPU graph (`lora-convert --backend cpu`: prefill/decode signatures) when it is one of type
-`tf_lite_prefill_decode` (its CPU executor, XNNPACK), next to a SentencePiece tokenizer section
-and an LlmMetadata section with the token ids and prompt template.
+`tf_lite_prefill_decode` (its CPU executor, XNNPACK), next to a tokenizer section and an
+LlmMetadata section with the token ids and prompt template. The tokenizer section is a
+SentencePiece model, or a Hugging Face tokenizer.json (Llama 3, Qwen 2.5): section type
+`HF_Tokenizer_Zlib`, the file's length as 8 little-endian bytes then its zlib stream.
 
 The builder stamps a random `uuid` and the wall-clock `creation_timestamp` into the header's
 system metadata and offers no way to set them. We rewrite the header (parsed and packed with the
@@ -52,9 +54,12 @@ def llm_metadata(config: BundleConfig, start_id: int, stop_ids: list[int]) -> ll
     return metadata
 
 
-def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], path: Path, cpu: bool = False) -> None:
+def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], path: Path, cpu: bool = False,
+                   hf_tokenizer: bytes | None = None) -> None:
     """Build the container atomically (the builder reads the metadata from a file); `cpu`: the
-    model is a CPU graph, not GPU weights."""
+    model is a CPU graph, not GPU weights; `hf_tokenizer`: the tokenizer.json bytes checked by
+    the caller (an HF tokenizer section, zlib-compressed by the builder), else the SentencePiece
+    --tokenizer-model."""
     with tempfile.TemporaryDirectory() as scratch, atomic_output(path) as handle:
         metadata_path = Path(scratch) / "llm_metadata.pb"
         metadata_path.write_bytes(llm_metadata(config, start_id, stop_ids).SerializeToString())
@@ -62,7 +67,12 @@ def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], pat
         file.add_system_metadata(builder.Metadata(key="Authors", value=AUTHORS, dtype=builder.DType.STRING))
         model_type = builder.TfLiteModelType.PREFILL_DECODE if cpu else builder.TfLiteModelType.ARTISAN_TEXT_DECODER
         file.add_tflite_model(str(config.tflite_model), model_type)
-        file.add_sentencepiece_tokenizer(str(config.tokenizer_model))
+        if hf_tokenizer is not None:  # the bytes that were checked, under the name the builder wants
+            tokenizer_path = Path(scratch) / "tokenizer.json"
+            tokenizer_path.write_bytes(hf_tokenizer)
+            file.add_hf_tokenizer(str(tokenizer_path))
+        else:
+            file.add_sentencepiece_tokenizer(str(config.tokenizer_model))
         file.add_llm_metadata(str(metadata_path))
         file.build(handle)
         pin_system_metadata(handle)
