@@ -1,4 +1,4 @@
-"""Prompts `lora-run` and `scripts/web_run.py` take, checked before anything is loaded, and text
+"""Prompts `lora-run` takes, checked before anything is loaded, and text
 output that survives any terminal encoding."""
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from converter.tflite import WeightFile
 from converter.tokenizer import parse_sentencepiece
 
 from .generate import Generation, Options, check_room
-from .runtime import OnText, Runtime
+from .runtime import OnText, Runtime, RuntimeFailure
 
 INSTALL = "pip install 'lora-convert[litertlm]'"
 MODEL_TYPES = {"gpu": "tf_lite_artisan_text_decoder", "cpu": "tf_lite_prefill_decode"}
@@ -106,11 +106,11 @@ class LiteRTLMRuntime(Runtime[Path]):
             answer = worker.read(seconds)
         except TimeoutError:
             self.close()
-            raise ConversionError(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it") from None
+            raise RuntimeFailure(f"LiteRT-LM did not finish {what} within {seconds:.0f} s; stopped it") from None
         except EOFError:
             how = worker.death()
             self.close()
-            raise ConversionError(f"LiteRT-LM stopped while {what} ({how})") from None
+            raise RuntimeFailure(f"LiteRT-LM stopped while {what} ({how})") from None
         if "error" in answer:
             raise ConversionError(f"LiteRT-LM failed {what}: {answer['error']}")
         return answer

@@ -19,6 +19,11 @@ from .generate import Generation, LoadedModel, Options, generate, load, prompt_i
 from .inputs import check_prompt
 from .reference import Adapter
 
+class RuntimeFailure(ConversionError):
+    """The runtime itself failed (crashed, overran its deadline, lost its browser), not the request:
+    the next request may succeed (a new worker or browser is started)."""
+
+
 OnText = Callable[[str], object]
 OnToken = Callable[[int | None, str], object]  # a generated token's id (None: the runtime gives none) and its text
 Handle = TypeVar("Handle")  # what a runtime keeps per adapter (its weights, a runtime's own handle)

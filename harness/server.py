@@ -6,7 +6,9 @@ and `GET /info`.
 Generation is not thread-safe (it sets torch's thread count per step), so requests run one at a
 time, in arrival order, on one worker thread: each with its own adapter, never mixed. Bad requests
 get a 4xx status and a JSON message (TGI's `{"error", "error_type"}`, OpenAI's `{"error": {...}}`
-under /v1); the server keeps running.
+under /v1); a runtime that fails on its own (a LiteRT-LM worker that dies or overruns, a lost
+browser) gives 503 with error_type `runtime`, and the next request starts it again. The server keeps
+running either way.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from converter.runtime_options import INT32_MAX
 from .adapters import BASE
 from .generate import Options
 from .inputs import check_prompt
-from .runtime import Runtime
+from .runtime import Runtime, RuntimeFailure
 from .template import PromptTemplate
 
 MAX_BODY = 1 << 20  # bytes of one request body
@@ -120,6 +122,8 @@ class Server:
             generation = self.runtime.generate(job.prompt, job.options, job.adapter, on_token=job.on_token)
         except _Stopped:
             return job
+        except RuntimeFailure as exc:  # not the request's fault: retrying may succeed
+            raise Problem(503, str(exc), "runtime") from None
         except ConversionError as exc:
             raise Problem(422, str(exc), "generation") from None
         job.text, job.tokens, job.stop_id = generation.text, len(generation.ids), generation.stop_id

@@ -33,7 +33,7 @@ from converter.tflite import WeightFile
 
 from .generate import Generation, Options, Vocabulary, check_room, prompt_ids, read_vocabulary
 from .reference import context_of, family_of
-from .runtime import OnText, Runtime
+from .runtime import OnText, Runtime, RuntimeFailure
 
 INSTALL = "pip install 'lora-convert[web]'"
 SMALLEST = 1 << 20  # bytes: smaller files never finish loading
@@ -80,12 +80,8 @@ class WebBackend(Runtime[WebAdapter]):
         self._state: tuple | None = None  # (options, ranks) of the LlmInference in the page
         self._loaded: dict[WebAdapter, str] = {}  # adapters loaded into it, in load order, and their handles
         self._loads = 0  # LoRA loads into it
-        try:
-            self._web = self._call(lambda: web_runtime.WebRuntime(web_runtime.PACKAGE_DIR, web_runtime.CHROMIUM,
-                                                                  timeouts or web_runtime.Timeouts()).__enter__())
-        except BaseException:
-            self.close()
-            raise
+        self._timeouts = timeouts or web_runtime.Timeouts()
+        self._closed = False  # the browser starts with the first generation, after every input is checked
 
     def _call(self, step: Callable[[], T]) -> T:
         """Run a browser step on the browser's thread; its failure as one line."""
@@ -94,7 +90,7 @@ class WebBackend(Runtime[WebAdapter]):
         try:
             return self._thread.submit(step).result()
         except WebRuntimeError as exc:
-            raise ConversionError(f"web runtime: {str(exc).splitlines()[0]}") from None
+            raise RuntimeFailure(f"web runtime: {str(exc).splitlines()[0]}") from None
 
     def _servable(self, path: Path) -> Path:
         """`path`, or a copy zero-padded to 1 MiB when it is smaller (the converter pads its own files)."""
@@ -109,6 +105,7 @@ class WebBackend(Runtime[WebAdapter]):
 
     def close(self) -> None:
         """Stop the browser (at once: a generation under way, e.g. at Ctrl-C, is not waited for)."""
+        self._closed = True
         if getattr(self, "_thread", None) is not None:
             if self._web is not None:
                 self._web.kill()
@@ -140,9 +137,13 @@ class WebBackend(Runtime[WebAdapter]):
     def _run(self, prompt: str, options: Options, adapter: WebAdapter | None) -> tuple[str, float]:
         """On the browser's thread: the LlmInference and LoRA the request needs, then its generation
         (its text, and the seconds it took without the loading)."""
-        web = self._web
-        if web is None:
+        from . import web_runtime
+
+        if self._closed:
             raise ConversionError("web runtime: already closed")
+        if self._web is None:
+            self._web = web_runtime.WebRuntime(web_runtime.PACKAGE_DIR, web_runtime.CHROMIUM, self._timeouts).__enter__()
+        web = self._web
         ranks = sorted({a.rank for a in self._adapters.values()})
         if self._state != (options, ranks) or self.fresh_per_prompt or self._loads >= MAX_LOADS:
             web.load_model(self.model, options, lora_ranks=ranks or None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -52,10 +53,27 @@ def rss_bytes(field: str = "VmHWM") -> int:
     return 0
 
 
+def prompt_of(loaded, tokens: int) -> str:
+    """A prompt the runtime feeds as at least `tokens` tokens (start token included; a few more when the
+    last word splits): random whole-word pieces, added one at a time and counted as re-encoded, since a
+    random id's text can re-encode as many tokens (byte and unused pieces in a padded vocabulary)."""
+    from harness.generate import prompt_ids
+
+    vocab = loaded.tokenizer
+    words = [vocab.id_to_piece(i) for i in range(vocab.get_piece_size())]
+    words = [w for w in words if w.startswith("\u2581") and w[1:].isalpha() and w[1:].isascii()]
+    if not words:
+        raise SystemExit("the model's tokenizer has no whole-word pieces to build a prompt from")
+    rng = random.Random(0)
+    text = ""
+    while len(prompt_ids(loaded, text)) < tokens:
+        text = f"{text} {rng.choice(words)[1:]}".lstrip()
+    return text
+
+
 def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int, lora: Path | None) -> dict:
     """Load `model_path` with one strategy and generate greedily as `lora-run` does; seconds, peak RSS;
     then, given a `lora`, the adapters' memory and switching cost (`adapters`)."""
-    import torch
 
     from harness import reference
     from harness.generate import Options, generate_ids, prompt_ids
@@ -68,9 +86,7 @@ def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens
     runtime = ReferenceRuntime(model_path)
     loaded = runtime.loaded
     load_seconds = time.perf_counter() - start
-    random_ids = torch.randint(3, loaded.tokenizer.get_piece_size(), (prompt_tokens,),
-                               generator=torch.Generator().manual_seed(0)).tolist()
-    prompt = loaded.tokenizer.decode(random_ids)
+    prompt = prompt_of(loaded, prompt_tokens)
     count = len(prompt_ids(loaded, prompt))
     times = [time.perf_counter()]
     for _ in generate_ids(loaded, prompt, Options(max_tokens=count + generate_tokens, top_k=1, temperature=0)):
@@ -183,7 +199,8 @@ def report(title: str, results: dict[str, dict], anchors: bool = False) -> None:
 @click.option("--lora", "lora_path", type=click.Path(path_type=Path), default=None,
               help="LoRA .bin of --model, for the adapters' figures [default: WORKDIR/gemma-2b-lora8.bin, converted "
                    "with the model when it is missing; none with --model].")
-@click.option("--prompt-tokens", default=64, show_default=True)
+@click.option("--prompt-tokens", default=106, show_default=True,
+              help="Prompt length in tokens (the issue's llama.cpp comparison prompt: 106).")
 @click.option("--generate-tokens", default=16, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also run the dequantize-to-float32 strategy (about 10 GiB for GEMMA_2B).")

@@ -1,8 +1,7 @@
-"""`lora-run` (and scripts/web_run.py's arguments) on hostile input: one line naming the culprit,
+"""`lora-run` (`--runtime web` included) on hostile input: one line naming the culprit,
 exit 1 (2 for click's usage errors), no traceback, no hang, and correct input still works."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import signal
@@ -25,7 +24,7 @@ from harness.generate import LoadedModel, Options, check_context, check_memory, 
 from harness.inputs import tolerant_stdout
 from harness.memory import generation_bytes
 
-from .conftest import ROOT, TINY, TINY_LORA, TOKENIZER
+from .conftest import TINY, TINY_LORA, TOKENIZER
 
 PROMPT = "one two three"
 LAYER_1 = "params.lm.transformer.x_layers_1."
@@ -324,16 +323,11 @@ def test_compare_arguments_and_foreign_checkpoints_are_one_line(files, tmp_path)
         refused(run("--model", base, "--prompt", PROMPT, "--compare", *args), message)
 
 
-@pytest.fixture(scope="module")
-def web_run():
-    spec = importlib.util.spec_from_file_location("web_run", ROOT / "scripts" / "web_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_runtime_web_refuses_bad_arguments_before_starting_a_browser(files, tmp_path, monkeypatch):
+    from harness import web_runtime
 
-
-def test_web_run_refuses_bad_arguments_before_starting_a_browser(files, tmp_path, web_run, monkeypatch):
-    monkeypatch.setattr(web_run, "WebRuntime", lambda **_: pytest.fail("a browser was started"))
+    monkeypatch.setattr(web_runtime, "WebRuntime", lambda *_, **__: pytest.fail("a browser was started"))
+    monkeypatch.setattr(web_runtime, "missing", lambda *_: None)  # as if Chromium and the package were there
     base, lora = files
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -343,17 +337,11 @@ def test_web_run_refuses_bad_arguments_before_starting_a_browser(files, tmp_path
         (["--model", base, "--max-tokens", -1], "error: --max-tokens -1"),
         (["--model", lora], f"error: --model {lora} is a LoRA weights file"),
         (["--model", base, "--lora", base], f"error: --lora {base}: a base model's weights file"),
-        (["--model", base, "--lora", lora, "--lora-rank", 4], f"error: --lora-rank 4: below the rank 8 of {lora}"),
-        (["--model", base, "--lora-rank", 8], "error: --lora-rank goes with --lora"),
-        (["--model", base, "--timeout", "nan"], "error: --timeout nan: expected seconds > 0"),
-        (["--model", base, "--timeout", 0], "error: --timeout 0.0: expected seconds > 0"),
         (["--model", fifo], f"error: --model {fifo} is a FIFO (named pipe); expected a regular file"),
         (["--model", tmp_path / "absent.bin"], f"error: --model {tmp_path / 'absent.bin'}: file not found"),
     ]
     with no_hang():
         for args, message in cases:
-            refused(CliRunner().invoke(web_run.main, [str(a) for a in args] + ["--prompt", PROMPT]), message)
-        refused(CliRunner().invoke(web_run.main, ["--model", str(base), "--prompt", os.fsdecode(b"\xfe")]),
+            refused(run("--runtime", "web", *args, "--prompt", PROMPT), message)
+        refused(run("--runtime", "web", "--model", base, "--prompt", os.fsdecode(b"\xfe")),
                 "error: --prompt is not valid UTF-8 text (byte 0xfe at character 0)")
-    assert web_run.checked_ranks(base, lora, None) == [8]  # the LoRA file's own rank by default
-    assert web_run.checked_ranks(base, None, None) is None

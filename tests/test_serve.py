@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 
 from bundler.task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
-from harness.runtime import ReferenceRuntime
+from harness.runtime import ReferenceRuntime, RuntimeFailure
 from harness.server import Job, Server, Settings, bind, http_server, url_of
 from harness.template import PromptTemplate, template_of
 
@@ -243,3 +243,32 @@ def test_a_port_in_use_is_one_line(files):
                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == f"error: --host 127.0.0.1 --port {port}: the address is in use\n"
+
+
+class _FailingOnce(ReferenceRuntime):
+    """The reference runtime, whose first generation fails as a crashed real runtime's does."""
+
+    failed = False
+
+    def _generate_tokens(self, *args):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeFailure("LiteRT-LM stopped while generating (killed by signal 9)")
+        return super()._generate_tokens(*args)
+
+
+def test_a_runtime_failure_is_503_and_the_next_request_is_answered(files):
+    from starlette.testclient import TestClient
+
+    with _FailingOnce(files["base"]) as runtime:
+        server = Server(runtime, Settings("trained", GREEDY, PromptTemplate()))
+        try:
+            client = TestClient(server.app)
+            failed = client.post("/generate", json={"inputs": PROMPTS[0]})
+            assert failed.status_code == 503, failed.text
+            assert failed.json() == {"error": "LiteRT-LM stopped while generating (killed by signal 9)",
+                                     "error_type": "runtime"}
+            answered = client.post("/generate", json={"inputs": PROMPTS[0]})
+            assert answered.status_code == 200 and answered.json()["generated_text"]
+        finally:
+            server.close()
