@@ -90,7 +90,16 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
 
 
 def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Path) -> WeightFile:
-    """A LoRA file for this CPU graph: its rank, and tensors named and sized as the graph's LoRA inputs."""
+    """A LoRA file for this CPU graph (`cpu_lora_file`), with a name an app can use."""
+    lora = cpu_lora_file(graph, base_path, path)
+    if not NAME.fullmatch(name):
+        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
+    return lora
+
+
+def cpu_lora_file(graph: CpuGraphInfo, base_path: Path, path: Path) -> WeightFile:
+    """A LoRA file for this CPU graph: its rank, and tensors named and sized as the graph's LoRA
+    inputs (LiteRT-LM ignores a LoRA whose tensors it cannot match, or fails without saying why)."""
     regular_file(path, "--lora")
     if file_kind(path) != "weights":
         raise ConversionError(f"--lora {path} is a bundle, not a LoRA weights file")
@@ -108,8 +117,6 @@ def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Pat
         if shape is None or entry.nbytes != 4 * math.prod(shape):
             raise ConversionError(f"--lora {path}: tensor {tensor} is not a LoRA input of the CPU graph in "
                                   f"{base_path} (or has another size): was it converted for this base?")
-    if not NAME.fullmatch(name):
-        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
     return lora
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
-from bundler.litertlm import model_types, sentencepiece_model
+from bundler.graph import read_cpu_graph
+from bundler.litertlm import model_section, model_types, sentencepiece_model
+from bundler.package import cpu_lora_file
 from bundler.task import file_kind
 from converter.errors import ConversionError
 from converter.files import regular_file
@@ -135,6 +137,9 @@ class LiteRTLMRuntime(Runtime[Path]):
             return self._read("tokenizing", self.timeouts.answer)["ids"]
 
     def _load_adapter(self, path: Path) -> Path:
+        if self.backend == "cpu":  # LiteRT-LM's CPU executor fails on a LoRA of other tensors without saying why
+            _, begin, end = model_section(self.model)
+            cpu_lora_file(read_cpu_graph(self.model, begin, end - begin), self.model, path)
         rank = WeightFile(regular_file(path, "--lora")).lora_rank
         if rank is None:
             raise ConversionError(f"--lora {path}: a base model's weights file, not a LoRA weights file")
