@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import flatbuffers
+from google.protobuf.message import DecodeError
 import litert_lm_builder as builder
 from litert_lm_builder import litertlm_core
 from litert_lm_builder import litertlm_header_schema_py_generated as schema
@@ -35,6 +36,7 @@ from .config import BundleConfig
 AUTHORS = "lora-convert"
 FIXED_TIMESTAMP = "1980-01-01T00:00:00+00:00"  # the .task entries' fixed date
 HASH_BLOCK = 16 << 20
+MAX_SECTION_READ = 256 << 20  # sections read whole (tokenizer, metadata): a few MB in real bundles
 # The generated reader calls VDataCreator but defines VdataCreator (litert-lm-builder 0.7):
 # without the alias its object API cannot read a header back.
 if not hasattr(schema, "VDataCreator"):
@@ -129,14 +131,31 @@ def model_types(path: Path) -> list[str]:
             for item in section.items or [] if item.key == b"model_type"]
 
 
-def sentencepiece_model(path: Path) -> bytes | None:
-    """The SentencePiece tokenizer section of a .litertlm (None when it has another kind of tokenizer)."""
-    sections = [s for s in _sections(path) if s.dataType == schema.AnySectionDataType.SP_Tokenizer]
+def _section_bytes(path: Path, data_type: int, limit: int = MAX_SECTION_READ) -> bytes | None:
+    """The first section of this type in a .litertlm (None when there is none), at most `limit` bytes."""
+    sections = [s for s in _sections(path) if s.dataType == data_type]
     if not sections:
         return None
+    size = sections[0].endOffset - sections[0].beginOffset
+    if not 0 <= size <= limit:
+        raise ConversionError(f"{path}: a .litertlm section of {size:,} bytes; expected at most {limit:,}")
     with open(path, "rb") as handle:
         handle.seek(sections[0].beginOffset)
-        return handle.read(sections[0].endOffset - sections[0].beginOffset)
+        return handle.read(size)
+
+
+def sentencepiece_model(path: Path) -> bytes | None:
+    """The SentencePiece tokenizer section of a .litertlm (None when it has another kind of tokenizer)."""
+    return _section_bytes(path, schema.AnySectionDataType.SP_Tokenizer)
+
+
+def read_llm_metadata(path: Path) -> llm_metadata_pb2.LlmMetadata:
+    """The LlmMetadata section of a .litertlm (tokens, prompt templates); empty when it has none."""
+    data = _section_bytes(path, schema.AnySectionDataType.LlmMetadataProto) or b""
+    try:
+        return llm_metadata_pb2.LlmMetadata.FromString(data)
+    except DecodeError:
+        raise ConversionError(f"{path}: its LlmMetadata section is not a valid LlmMetadata protobuf") from None
 
 
 def model_section(path: Path) -> tuple[str, int, int]:
