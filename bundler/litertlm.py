@@ -123,6 +123,14 @@ def _sections(path: Path) -> list:
         raise ConversionError(f"{path}: not a readable .litertlm container (its header is malformed)") from None
 
 
+def check_complete(path: Path, option: str) -> None:
+    """Every section of a .litertlm lies within the file (a cut-off download or copy aborts LiteRT-LM)."""
+    size = path.stat().st_size
+    end = max((section.endOffset for section in _sections(path)), default=0)
+    if end > size:
+        raise ConversionError(f"{option} {path}: truncated: its sections end at byte {end:,}, the file has {size:,}")
+
+
 def model_types(path: Path) -> list[str]:
     """The `model_type` of each TFLiteModel section of a .litertlm (`tf_lite_artisan_text_decoder`:
     GPU weights for LiteRT-LM's GPU executor; `tf_lite_prefill_decode`: prefill/decode graphs)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from bundler.graph import read_cpu_graph
-from bundler.litertlm import model_section, model_types, sentencepiece_model
+from bundler.litertlm import check_complete, model_section, model_types, sentencepiece_model
 from bundler.package import cpu_lora_file
 from bundler.task import file_kind
 from converter.errors import ConversionError
@@ -59,6 +59,7 @@ def check_model(model: Path, backend: str) -> Path:
         raise ConversionError(f"--model {model}: --runtime litertlm takes a .litertlm bundle, this is {what}; make one "
                               "with lora-bundle --format litertlm --tflite-model BASE.bin ... (a .bin runs with --runtime "
                               "reference or web, a .task with reference)")
+    check_complete(model, "--model")
     types = model_types(model)
     if MODEL_TYPES[backend] not in types:
         held = ", ".join(WHAT.get(t, t) for t in types) or "no model section"
