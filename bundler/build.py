@@ -23,7 +23,7 @@ class CheckedInputs:
     model: WeightFile | CpuGraphInfo
     tokenizer: spm.SentencePieceProcessor | HfTokenizerJson  # the latter: .litertlm's HF tokenizer section
     tokenizer_bytes: bytes  # the SentencePiece model (converted when --tokenizer-model is a folder) or tokenizer.json
-    start_id: int
+    start_id: int | None  # None: no start token
     stop_ids: list[int]
 
 
@@ -83,7 +83,8 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
         if vocab_size:
             check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, rows,
                                  f"--tokenizer-model {tokenizer_path}", str(model_path))
-    start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
+    start_id = None if config.start_token is None else token_id(tokenizer, config.start_token, "--start-token",
+                                                                 tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
     return CheckedInputs(model, tokenizer, tokenizer_bytes, start_id, stop_ids)
 
@@ -103,6 +104,7 @@ def write_bundle(config: BundleConfig) -> Path:
         write_litertlm(config, checked.start_id, checked.stop_ids, path, cpu=isinstance(checked.model, CpuGraphInfo),
                        hf_tokenizer=hf)
         return path
+    assert config.start_token is not None  # BundleConfig allows none for .litertlm only
     metadata = bundle_metadata(config.start_token, list(config.stop_tokens), config.enable_bytes_to_unicode_mapping,
                                config.system_prompt, config.prompt_prefix, config.prompt_suffix)
     write_zip(path, [(MODEL_ENTRY, Path(config.tflite_model)), (TOKENIZER_ENTRY, checked.tokenizer_bytes),

@@ -43,9 +43,11 @@ if not hasattr(schema, "VDataCreator"):
     schema.VDataCreator = schema.VdataCreator
 
 
-def llm_metadata(config: BundleConfig, start_id: int, stop_ids: list[int]) -> llm_metadata_pb2.LlmMetadata:
+def llm_metadata(config: BundleConfig, start_id: int | None, stop_ids: list[int]) -> llm_metadata_pb2.LlmMetadata:
+    """Start (None: none; LiteRT-LM then puts nothing before the prompt) and stop token ids, prompt template."""
     metadata = llm_metadata_pb2.LlmMetadata()
-    metadata.start_token.token_ids.ids.append(start_id)
+    if start_id is not None:
+        metadata.start_token.token_ids.ids.append(start_id)
     for stop_id in stop_ids:
         metadata.stop_tokens.add().token_ids.ids.append(stop_id)
     if config.prompt_prefix or config.prompt_suffix:
@@ -56,7 +58,7 @@ def llm_metadata(config: BundleConfig, start_id: int, stop_ids: list[int]) -> ll
     return metadata
 
 
-def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], path: Path, cpu: bool = False,
+def write_litertlm(config: BundleConfig, start_id: int | None, stop_ids: list[int], path: Path, cpu: bool = False,
                    hf_tokenizer: bytes | None = None) -> None:
     """Build the container atomically (the builder reads the metadata from a file); `cpu`: the
     model is a CPU graph, not GPU weights; `hf_tokenizer`: the tokenizer.json bytes checked by

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from bundler.graph import read_cpu_graph
-from bundler.litertlm import check_complete, model_section, model_types, sentencepiece_model
+from bundler.litertlm import check_complete, model_section, model_types, read_llm_metadata, sentencepiece_model
 from bundler.package import cpu_lora_file
 from bundler.task import file_kind
 from converter.errors import ConversionError
@@ -83,6 +83,7 @@ class LiteRTLMRuntime(Runtime[Path]):
         self.options, self.timeouts = options, timeouts
         blob = sentencepiece_model(self.model)  # else a Hugging Face tokenizer: the engine tokenizes (_ids)
         self.tokenizer = parse_sentencepiece(blob, f"{model}: its tokenizer section") if blob else None
+        self.start = int(read_llm_metadata(self.model).HasField("start_token"))  # 0: a bundle without one
         self._lock = threading.RLock()  # one request at a time on the worker's pipes
         self._worker: _Worker | None = None
         self._rank = 0
@@ -126,7 +127,7 @@ class LiteRTLMRuntime(Runtime[Path]):
 
     # -- the runtime ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
-        return 1 + len(self._ids(prompt))  # the engine puts the start token before the prompt's
+        return self.start + len(self._ids(prompt))  # the engine puts the start token before the prompt's
 
     def _ids(self, text: str) -> list[int]:
         """The text's token ids: by the bundle's SentencePiece model, else by the engine (which then

@@ -1632,6 +1632,9 @@ def bundle_cpu_cases() -> Iterator[tuple]:
     yield refuse("hf-tokenizer-added-not-list", lite, hf_edit(lambda t: t.update(added_tokens={"a": 1})),
                  names=("tokenizer.json",))
     yield refuse("hf-tokenizer-start-unknown", [*lite[:5], "<bos>", *lite[6:]], names=("<bos>",))
+    yield accept("no-start-token", [*lite[:4], "--no-start-token", *lite[6:]], outputs=out)
+    yield refuse("no-start-token-task", [*BUNDLE[:4], "--no-start-token", *BUNDLE[6:]], names=("--no-start-token",))
+    yield refuse("no-start-token-and-start-token", [*lite, "--no-start-token"], names=("--no-start-token",))
     yield refuse("hf-tokenizer-folder-empty", [*lite[:3], "{input}/empty", *lite[4:]], mkdir("{input}/empty"),
                  names=("tokenizer.json",))
     yield refuse("hf-tokenizer-fifo", lite, make_fifo("hftok", "tokenizer.json"), **hang())

@@ -73,11 +73,11 @@ def peft_model(model, rank: int = 4, alpha: int = 8, seed: int = 7):
 
 @dataclass(frozen=True)
 class Tokens:
-    """A tokenizer as the greedy reference uses it: text to ids, ids to text, start and stop ids."""
+    """A tokenizer as the greedy reference uses it: text to ids, ids to text, start (None: none) and stop ids."""
 
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
-    start: int
+    start: int | None
     stop: int
 
 
@@ -92,7 +92,7 @@ def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS, tokens: Tokens |
     shown as LiteRT-LM streams it, without NUL bytes (its pieces are C strings: random tiny models
     do generate the `<0x00>` byte piece, which then streams as nothing)."""
     tokens = tokens or tiny_tokens()
-    ids = [tokens.start] + tokens.encode(prompt)
+    ids = ([] if tokens.start is None else [tokens.start]) + tokens.encode(prompt)
     out: list[int] = []
     with torch.no_grad():
         while len(ids) + len(out) < max_tokens:
@@ -104,14 +104,15 @@ def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS, tokens: Tokens |
 
 
 def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = TOKENIZER, *extra,
-                start: str = "<bos>", stop: str = "<eos>") -> Path:
-    """`python -m converter.cli --backend cpu` then `python -m bundler.cli --format litertlm`: the .litertlm."""
+                start: str | None = "<bos>", stop: str = "<eos>") -> Path:
+    """`python -m converter.cli --backend cpu` then `python -m bundler.cli --format litertlm` (start
+    None: --no-start-token): the .litertlm."""
     run_module("converter.cli", "--backend", "cpu", "--model-type", model_type, "--input-ckpt", checkpoint,
                "--vocab-model-file", tokenizer, "--output-dir", out, "--output-tflite-file", out / "model.tflite",
                "--kv-cache-size", KV_CACHE, "--prefill-length", PREFILL, "--quiet", *extra, timeout=600)
     run_module("bundler.cli", "--tflite-model", out / "model.tflite", "--tokenizer-model", tokenizer,
-               "--start-token", start, "--stop-tokens", stop, "--output-filename", out / "model.litertlm",
-               "--format", "litertlm")
+               *(["--no-start-token"] if start is None else ["--start-token", start]), "--stop-tokens", stop,
+               "--output-filename", out / "model.litertlm", "--format", "litertlm")
     return out / "model.litertlm"
 
 
