@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,7 +30,7 @@ from litert_lm_builder import litertlm_header_schema_py_generated as schema
 from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
 from converter.errors import ConversionError
-from converter.files import atomic_output
+from converter.files import MAX_JSON_BYTES, atomic_output
 
 from .config import BundleConfig
 
@@ -152,6 +153,24 @@ def _section_bytes(path: Path, data_type: int, limit: int = MAX_SECTION_READ) ->
     with open(path, "rb") as handle:
         handle.seek(sections[0].beginOffset)
         return handle.read(size)
+
+
+def hf_tokenizer_json(path: Path) -> bytes | None:
+    """The tokenizer.json of a .litertlm's Hugging Face tokenizer section (None when it has none):
+    8 little-endian bytes of length, then the zlib stream, inflated to at most that length."""
+    data = _section_bytes(path, schema.AnySectionDataType.HF_Tokenizer_Zlib)
+    if data is None:
+        return None
+    size = int.from_bytes(data[:8], "little")
+    inflate = zlib.decompressobj()
+    try:
+        text = inflate.decompress(data[8:], min(size, MAX_JSON_BYTES) + 1)
+    except zlib.error:
+        text = b""
+    if len(data) < 8 or len(text) != size or not inflate.eof:
+        raise ConversionError(f"{path}: its Hugging Face tokenizer section is not a zlib stream of the "
+                              f"{size:,} bytes it declares (at most {MAX_JSON_BYTES >> 20} MiB)")
+    return text
 
 
 def sentencepiece_model(path: Path) -> bytes | None:

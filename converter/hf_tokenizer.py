@@ -79,7 +79,11 @@ def read_tokenizer_json(path: Path, option: str) -> HfTokenizerJson:
     if path.is_dir() and not file.is_file():
         raise ConversionError(f"{option} {path}: the folder has no {TOKENIZER_FILE}; expected a Hugging Face "
                               "tokenizer folder or file")
-    data = read_bounded(file, option, MAX_JSON_BYTES)
+    return parse_tokenizer_json(read_bounded(file, option, MAX_JSON_BYTES), file, option)
+
+
+def parse_tokenizer_json(data: bytes, file: Path, option: str) -> HfTokenizerJson:
+    """`read_tokenizer_json`'s checks on the bytes of `file` (a tokenizer.json, or a .litertlm's section)."""
     tokenizer = json_object(data, file, option)
     tokens = {piece: index for index, piece in enumerate(_vocabulary(tokenizer, file, option))}
     added = tokenizer.get("added_tokens") or []

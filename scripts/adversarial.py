@@ -1641,6 +1641,12 @@ def bundle_cpu_cases() -> Iterator[tuple]:
     yield refuse("hf-tokenizer-dev-zero", lite, device_link("hftok", "tokenizer.json", "/dev/zero"), **hang())
 
 
+def inspect_cpu_cases() -> Iterator[tuple]:
+    yield accept("cpu-bundle", ["{cpubundle}", "--json"])
+    yield refuse("cpu-bundle-cut-in-a-section", ["{cpubundle}"], truncate_file("cpubundle", keep=0.6),
+                 names=("truncated",))
+
+
 def run_cpu_cases() -> Iterator[tuple]:
     """--runtime/--backend combinations and CPU graphs, bundles and LoRA files that do not go together."""
     def model(value: str) -> list[str]:
@@ -1680,6 +1686,7 @@ TABLES = {
     ("run", "run", "run"): lora_run_cases,
     ("convert", "cpu", "pkg"): convert_cpu_cases,
     ("bundle", "cpu", "bundle"): bundle_cpu_cases,
+    ("inspect", "cpu", "bundle"): inspect_cpu_cases,
     ("run", "cpu", "run"): run_cpu_cases,
     ("eval", "eval", "run"): eval_cases,
 }
