@@ -68,6 +68,14 @@ class PackageResult:
 
 
 def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
+    """A LoRA file converted for this base (`gpu_lora_file`), with a name an app can use."""
+    lora = gpu_lora_file(base, base_path, path)
+    if not NAME.fullmatch(name):
+        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
+    return lora
+
+
+def gpu_lora_file(base: WeightFile, base_path: Path, path: Path) -> WeightFile:
     """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
     regular_file(path, "--lora")
     kind = file_kind(path)
@@ -84,8 +92,6 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
         raise ConversionError(f"--lora {path} was converted for a model with other dimensions than {base_path}")
     if lora.lora_rank > MAX_LORA_RANK or lora.lora_rank % 4:
         raise ConversionError(f"--lora {path} has rank {lora.lora_rank}; expected a multiple of 4 up to {MAX_LORA_RANK}")
-    if not NAME.fullmatch(name):
-        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
     return lora
 
 

@@ -25,7 +25,7 @@ from typing import IO, cast
 
 from bundler.graph import read_cpu_graph
 from bundler.litertlm import check_complete, model_section, model_types, read_llm_metadata, sentencepiece_model
-from bundler.package import cpu_lora_file
+from bundler.package import cpu_lora_file, gpu_lora_file
 from bundler.task import file_kind
 from converter.errors import ConversionError
 from converter.files import regular_file
@@ -139,12 +139,13 @@ class LiteRTLMRuntime(Runtime[Path]):
             return self._read("tokenizing", self.timeouts.answer)["ids"]
 
     def _load_adapter(self, path: Path) -> Path:
-        if self.backend == "cpu":  # LiteRT-LM's CPU executor fails on a LoRA of other tensors without saying why
-            _, begin, end = model_section(self.model)
-            cpu_lora_file(read_cpu_graph(self.model, begin, end - begin), self.model, path)
-        rank = WeightFile(regular_file(path, "--lora")).lora_rank
-        if rank is None:
-            raise ConversionError(f"--lora {path}: a base model's weights file, not a LoRA weights file")
+        # LiteRT-LM fails on a LoRA of other tensors without saying why, or ignores it: checked first.
+        _, begin, end = model_section(self.model)
+        if self.backend == "cpu":
+            rank = cpu_lora_file(read_cpu_graph(self.model, begin, end - begin), self.model, path).lora_rank
+        else:
+            rank = gpu_lora_file(WeightFile(self.model, begin, end - begin), self.model, path).lora_rank
+        assert rank is not None  # both checks refuse a file without one
         if rank > self._rank:
             self._rank = rank
             self.close()  # the engine's LoRA rank is set when it is made

@@ -1659,6 +1659,8 @@ def run_cpu_cases() -> Iterator[tuple]:
     yield refuse("gpu-weights-on-cpu", [*RUN, *LITERTLM_CPU], names=(".litertlm",))
     yield refuse("gpu-lora-on-cpu", [*model("{cpubundle}"), *LITERTLM_CPU, "--lora", "{adapter}"],
                  names=("--lora", "LoRA inputs"))
+    yield refuse("gpu-bundle-other-lora", [*model("{litertlm}"), "--runtime", "litertlm", "--lora", "{input}/other.bin"],
+                 copy_shared("big-lora.bin", "other.bin"), names=("--lora", "other dimensions"))
     yield refuse("graph-engine-cannot-run", [*model("{cpubundle}"), *LITERTLM_CPU], names=("LiteRT-LM",))
     yield refuse("cpu-bundle-truncated", [*model("{cpubundle}"), *LITERTLM_CPU], truncate_file("cpubundle"))
     yield refuse("cpu-bundle-cut-in-a-section", [*model("{cpubundle}"), *LITERTLM_CPU],
