@@ -20,7 +20,7 @@ from typing import Iterator, Literal
 
 import torch
 
-from .adapter_config import ADAPTER_CONFIG, AdapterConfig, read_adapter_config
+from .adapter_config import ADAPTER_CONFIG, PEFT_DEFAULT_ALPHA, AdapterConfig, read_adapter_config
 from .checkpoint import TensorSource, open_tensor_file
 from .errors import ConversionError
 from .files import read_json_object
@@ -389,6 +389,9 @@ def _value_notes(reader: _Reader, merges: list[TensorMerge], merging: bool) -> t
         if largest_a * largest_b == 0:
             untrained.append(where(merge.target.removesuffix(".weight")))
     notes = []
+    if reader.config.alpha_defaulted:
+        notes.append(f"{reader.config.file} has no lora_alpha: using PEFT's default {PEFT_DEFAULT_ALPHA:g} "
+                     f"(scale {PEFT_DEFAULT_ALPHA:g} / r), as PEFT loads it")
     if reader.config.zero_alphas:
         notes.append(f"{reader.config.file}: {', '.join(reader.config.zero_alphas)} is 0, so PEFT's scale is 0 and "
                      f"the modules it applies to change nothing")

@@ -41,6 +41,8 @@ VARIANTS = (
     ("monteclora_config", "MonteCLoRA samples its adapter weights"),
 )
 
+PEFT_DEFAULT_ALPHA = 8.0  # LoraConfig.lora_alpha when adapter_config.json does not give it
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -48,7 +50,8 @@ class AdapterConfig:
 
     file: Path
     r: int | None = None
-    lora_alpha: float | None = None  # None: scale 1 (alpha = rank), as for a bare tensor file
+    lora_alpha: float | None = None  # None (no config file): scale 1 (alpha = rank), as for a bare tensor file
+    alpha_defaulted: bool = False  # the config has no lora_alpha: PEFT's default (PEFT_DEFAULT_ALPHA) applies
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
@@ -93,6 +96,7 @@ def read_adapter_config(file: Path) -> AdapterConfig:
         file,
         r=_rank(file, raw),
         lora_alpha=_alpha(file, raw),
+        alpha_defaulted="lora_alpha" not in raw,
         rank_pattern=_pattern(file, raw, "rank_pattern", _positive_int),
         alpha_pattern=_pattern(file, raw, "alpha_pattern", _finite),
         use_rslora=_flag(file, raw, "use_rslora"),
@@ -155,8 +159,9 @@ def _finite(file: Path, key: str, value: object) -> float:
     return float(value)
 
 
-def _alpha(file: Path, raw: dict) -> float | None:
-    return _finite(file, "lora_alpha", raw["lora_alpha"]) if "lora_alpha" in raw else None
+def _alpha(file: Path, raw: dict) -> float:
+    """`lora_alpha`, or PEFT's default when the config leaves it out (PEFT loads such a config so)."""
+    return _finite(file, "lora_alpha", raw["lora_alpha"]) if "lora_alpha" in raw else PEFT_DEFAULT_ALPHA
 
 
 def _pattern(file: Path, raw: dict, key: str, check) -> dict:

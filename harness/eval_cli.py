@@ -55,12 +55,10 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
     from .eval_data import read_examples
     from .eval_report import as_html, as_json as json_document, as_text
     from .evaluate import Result, evaluate
-    from .metrics import check_available
     from .runtimes import check_choice
 
     tolerant_stdout()
     try:
-        check_available()
         check_choice(runtime, backend)
         checked = check_models(models)
         named = named_adapters(loras)

@@ -1980,7 +1980,7 @@ def context():
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["converter.cli", "bundler.cli", "harness.cli", "torch", "harness.eval_cli",
-                                         "harness.evaluate", "harness.eval_report", "rouge_score.rouge_scorer", "tqdm"])
+                                         "harness.evaluate", "harness.eval_report", "tqdm"])
     return _context
 
 

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from converter.errors import ConversionError
 from harness.cli import main
 from harness.eval_data import Example, Turn, read_examples
 from harness.template import PromptTemplate
-from harness.metrics import score
+from harness.metrics import rouge_l, score
 
 from .conftest import FIXTURES
 from .trained import MAX_TOKENS, TRAINED_LORA, bundle, convert, run_module
@@ -189,3 +191,18 @@ def test_scores_and_template():
                                   Turn("user", "again")), "ok")
     turns = [(turn.role, turn.content) for turn in example.turns]
     assert PromptTemplate("S:", "<u>", "</u>").chat(turns) == "be brief<u>hi</u>yo<u>again</u>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from("abcde"), max_size=12), st.lists(st.sampled_from("abcde"), max_size=12))
+def test_rouge_l_is_rouge_scores(prediction, reference):
+    from rouge_score import rouge_scorer
+
+    class Words:
+        @staticmethod
+        def tokenize(text: str) -> list[str]:
+            return text.split()
+
+    expected = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words()).score(
+        " ".join(reference), " ".join(prediction))["rougeL"].fmeasure
+    assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)

@@ -413,3 +413,12 @@ def test_library_refuses_before_writing(tiny_lora, tmp_path):
         convert(ConversionConfig(input_ckpt=TINY, ckpt_format="safetensors", model_type="GEMMA_2B",
                                  output_dir=tmp_path / "out", vocab_model_file=TOKENIZER, lora_ckpt=tiny_lora))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_lora_alpha_gets_peft_s_default_with_a_note(tmp_path):
+    adapter = make_adapter(tmp_path / "adapter", r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    drop_config_key(adapter, "lora_alpha")  # PEFT then uses its default 8: scale 2, not 1
+    result = converted(tmp_path / "cli", adapter, "--lora-rank", 4)
+    assert f"{adapter / 'adapter_config.json'} has no lora_alpha: using PEFT's default 8" in result.stderr
+    ours, _ = our_logits(tmp_path, adapter, rank=4)
+    torch.testing.assert_close(ours, peft_logits(adapter), atol=3e-5, rtol=0)

@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,12 +25,11 @@ from click.testing import CliRunner
 from converter.errors import ConversionError
 from harness.cli import main
 from harness.litertlm_runtime import LiteRTLMRuntime, Timeouts
-from harness.server import Server, Settings, bind, http_server, url_of
-from harness.template import PromptTemplate
 
 from .conftest import FIXTURES, ROOT
 from .test_bundler import SWIFTSHADER_ICD
 from .test_runtime_adapters import GREEDY, PROMPTS, alone, files  # noqa: F401 (module fixtures)
+from .test_serve import serving
 from .test_web_runtime import require_web
 from .trained import MAX_TOKENS, bundle
 
@@ -129,15 +126,7 @@ def test_litertlm_counts_tokens_with_the_engine_when_the_bundle_has_no_sentencep
 
 @pytest.mark.runtime
 def test_litertlm_serve_answers_per_adapter_under_concurrent_requests(litertlm, alone):
-    server = Server(litertlm, Settings("trained", GREEDY, PromptTemplate()))
-    sock = bind("127.0.0.1", 0)
-    http = http_server(server)
-    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.01)
-    try:
-        url = url_of(sock)
+    with serving(litertlm) as url:
         requests = [(("hello", "mlp", "base")[i % 3], PROMPTS[i // 3 % 2]) for i in range(9)]
 
         def ask(request):
@@ -154,11 +143,6 @@ def test_litertlm_serve_answers_per_adapter_under_concurrent_requests(litertlm, 
             "adapter_id": "base", "stop": [alone["base", PROMPTS[0]][1].split()[1]]}})
         assert alone["base", PROMPTS[0]][1].startswith(stopped.json()["generated_text"])
         assert ask(("mlp", PROMPTS[1])).json() == {"generated_text": alone["mlp", PROMPTS[1]][1]}
-    finally:
-        http.should_exit = True
-        thread.join(10)
-        server.close()
-        sock.close()
 
 
 @pytest.mark.runtime

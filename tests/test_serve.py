@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,7 @@ import pytest
 import sentencepiece as spm
 
 from bundler.task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
-from harness.runtime import ReferenceRuntime, RuntimeFailure
+from harness.runtime import ReferenceRuntime, Runtime, RuntimeFailure
 from harness.server import Job, Server, Settings, bind, http_server, url_of
 from harness.template import PromptTemplate, template_of
 
@@ -30,24 +32,32 @@ NAMES = ("hello", "hello2", "mlp", "base")  # hello2: the hello adapter's file u
 EXPECTED_OF = {"hello": "hello", "hello2": "hello", "mlp": "mlp", "base": "base"}
 
 
-@pytest.fixture(scope="module")
-def url(files):
-    """The server on a free loopback port, in a thread of this process."""
-    with ReferenceRuntime(files["base"]) as runtime:
-        for name in NAMES[:-1]:
-            runtime.add_adapter(name, files[EXPECTED_OF[name]])
-        server = Server(runtime, Settings("trained", GREEDY, PromptTemplate()))
-        sock = bind("127.0.0.1", 0)
-        http = http_server(server)
-        thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not http.started:
-            time.sleep(0.01)
+@contextmanager
+def serving(runtime: Runtime) -> Iterator[str]:
+    """A server over `runtime` on a free loopback port, in a thread of this process: its URL."""
+    server = Server(runtime, Settings("trained", GREEDY, PromptTemplate()))
+    sock = bind("127.0.0.1", 0)
+    http = http_server(server)
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.01)
+    try:
         yield url_of(sock)
+    finally:
         http.should_exit = True
         thread.join(10)
         server.close()
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(files):
+    with ReferenceRuntime(files["base"]) as runtime:
+        for name in NAMES[:-1]:
+            runtime.add_adapter(name, files[EXPECTED_OF[name]])
+        with serving(runtime) as address:
+            yield address
 
 
 def generate(url: str, prompt: str, name: str, **parameters) -> httpx.Response:
