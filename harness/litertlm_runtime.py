@@ -69,6 +69,16 @@ def check_model(model: Path, backend: str) -> Path:
     return model
 
 
+def check_kv_cache(model: Path, max_tokens: int) -> None:
+    """--max-tokens within the CPU graph's KV cache: LiteRT-LM (0.18.1) stops at the cache's end
+    without a word, so a longer answer asked for would come back cut short."""
+    _, begin, end = model_section(model)
+    positions = read_cpu_graph(model, begin, end - begin).kv_cache_size
+    if positions is not None and max_tokens > positions:
+        raise ConversionError(f"--max-tokens {max_tokens}: the CPU graph in {model} holds {positions} positions "
+                              f"(lora-convert --kv-cache-size); give at most {positions}")
+
+
 class LiteRTLMRuntime(Runtime[Path]):
     """A .litertlm on LiteRT-LM's engine in a worker process, started at the first request (its
     LoRA rank must cover every adapter; one added later with a higher rank restarts it)."""
@@ -80,6 +90,8 @@ class LiteRTLMRuntime(Runtime[Path]):
         except ImportError:
             raise ConversionError(f"--runtime litertlm needs LiteRT-LM's Python API: {INSTALL}") from None
         self.model, self.backend = check_model(Path(model), backend), backend
+        if backend == "cpu":
+            check_kv_cache(self.model, options.max_tokens)
         self.options, self.timeouts = options, timeouts
         blob = sentencepiece_model(self.model)  # else a Hugging Face tokenizer: the engine tokenizes (_ids)
         self.tokenizer = parse_sentencepiece(blob, f"{model}: its tokenizer section") if blob else None

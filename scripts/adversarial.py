@@ -533,8 +533,9 @@ def hf_tokenizer(tokenizer_json: bytes | None, tokenizer_config: bytes | None) -
 
 
 def fake_cpu_graph(path: Path, vocab: int = 512, signatures: tuple[str, ...] = ("prefill_16", "decode")) -> None:
-    """A TFLite file shaped as a CPU graph to the bundler's reader (signatures, decode's `logits`
-    of `vocab`) but with no operators: cheap to make, and no graph LiteRT-LM can run."""
+    """A TFLite file shaped as a CPU graph to the bundler's reader (signatures, a `mask` of 64 KV
+    cache positions, decode's `logits` of `vocab`) but with no operators: cheap to make, and no
+    graph LiteRT-LM can run."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -549,15 +550,15 @@ def fake_cpu_graph(path: Path, vocab: int = 512, signatures: tuple[str, ...] = (
         return item
 
     graph = schema.SubGraphT()
-    graph.tensors = [tensor("tokens", [1, 1]), tensor("logits", [1, 1, vocab])]
-    graph.inputs, graph.outputs, graph.operators = [0], [1], []
+    graph.tensors = [tensor("tokens", [1, 1]), tensor("mask", [1, 1, 1, 64]), tensor("logits", [1, 1, vocab])]
+    graph.inputs, graph.outputs, graph.operators = [0, 1], [2], []
     model = schema.ModelT()
     model.version, model.buffers, model.subgraphs = 3, [schema.BufferT()], [graph]
     model.signatureDefs = []
     for key in signatures:
         signature = schema.SignatureDefT()
         signature.signatureKey, signature.subgraphIndex = key, 0
-        signature.inputs, signature.outputs = [mapped("tokens", 0)], [mapped("logits", 1)]
+        signature.inputs, signature.outputs = [mapped("tokens", 0), mapped("mask", 1)], [mapped("logits", 2)]
         model.signatureDefs.append(signature)
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
@@ -1667,6 +1668,8 @@ def run_cpu_cases() -> Iterator[tuple]:
                  truncate_file("cpubundle", keep=0.6), names=("truncated",))
     yield refuse("gpu-bundle-cut-in-a-section", [*model("{litertlm}"), "--runtime", "litertlm"],
                  truncate_file("litertlm", keep=0.6), names=("truncated",))
+    yield refuse("max-tokens-past-kv-cache", [*model("{cpubundle}"), *LITERTLM_CPU, "--max-tokens", "65"],
+                 names=("--max-tokens 65", "64 positions"))
     yield refuse("backend-without-litertlm", [*RUN, "--backend", "cpu"], names=("--backend",))
     yield refuse("backend-unknown", [*RUN, "--runtime", "litertlm", "--backend", "npu"], names=("--backend",))
     yield refuse("eval-graph", ["eval", "{input}/data.jsonl", "--model", "{cpugraph}"],
