@@ -40,6 +40,9 @@ class BundleConfig:
         if self.start_token is None and self.format != "litertlm":
             raise ConversionError("--no-start-token applies to --format litertlm only (MediaPipe puts a start token "
                                   "before each prompt); give --start-token")
+        if self.enable_bytes_to_unicode_mapping and self.format == "litertlm":
+            raise ConversionError("--enable-bytes-to-unicode-mapping applies to --format task only (a .litertlm's "
+                                  "Hugging Face tokenizer section maps bytes itself)")
         if self.start_token is not None and not self.start_token:
             raise ConversionError("--start-token is required (e.g. <bos>)")
         texts = [("--start-token", self.start_token), *(("--stop-tokens", t) for t in self.stop_tokens),

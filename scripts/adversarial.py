@@ -1634,6 +1634,8 @@ def bundle_cpu_cases() -> Iterator[tuple]:
                  names=("tokenizer.json",))
     yield refuse("hf-tokenizer-start-unknown", [*lite[:5], "<bos>", *lite[6:]], names=("<bos>",))
     yield accept("no-start-token", [*lite[:4], "--no-start-token", *lite[6:]], outputs=out)
+    yield refuse("bytes-to-unicode", [*lite, "--enable-bytes-to-unicode-mapping"],
+                 names=("--enable-bytes-to-unicode-mapping",))
     yield refuse("no-start-token-task", [*BUNDLE[:4], "--no-start-token", *BUNDLE[6:]], names=("--no-start-token",))
     yield refuse("no-start-token-and-start-token", [*lite, "--no-start-token"], names=("--no-start-token",))
     yield refuse("hf-tokenizer-folder-empty", [*lite[:3], "{input}/empty", *lite[4:]], mkdir("{input}/empty"),
@@ -2195,6 +2197,10 @@ def run_cases(selected: list[Case], work: Path, jobs: int = 2, keep: bool = Fals
 
     build_shared(work)
     context()
+    # The checks import these from the worker threads; two threads importing the converter package
+    # first at once can each get the other's module half-initialized, so it is imported here first.
+    import bundler.task  # noqa: F401
+    import converter.tflite  # noqa: F401
 
     def one(case: Case) -> tuple:
         started = time.monotonic()
