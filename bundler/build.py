@@ -8,6 +8,7 @@ import sentencepiece as spm
 
 from converter.errors import ConversionError
 from converter.files import check_output, refuse_overwrite, regular_file
+from converter.hf_tokenizer import HfTokenizerJson, is_hf_tokenizer, read_tokenizer_json
 from converter.models import find_model_type
 from converter.tflite import WeightFile
 from converter.tokenizer import check_tokenizer_size, load_tokenizer
@@ -20,16 +21,20 @@ from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata,
 @dataclass(frozen=True)
 class CheckedInputs:
     model: WeightFile | CpuGraphInfo
-    tokenizer: spm.SentencePieceProcessor
-    tokenizer_bytes: bytes  # the SentencePiece model (converted when --tokenizer-model is a folder)
-    start_id: int
+    tokenizer: spm.SentencePieceProcessor | HfTokenizerJson  # the latter: .litertlm's HF tokenizer section
+    tokenizer_bytes: bytes  # the SentencePiece model (converted when --tokenizer-model is a folder) or tokenizer.json
+    start_id: int | None  # None: no start token
     stop_ids: list[int]
 
 
-def token_id(tokenizer: spm.SentencePieceProcessor, token: str, option: str, path: Path) -> int:
-    """The id of a piece that must exist as a whole piece in the tokenizer."""
-    piece_id = tokenizer.piece_to_id(token)
-    if tokenizer.id_to_piece(piece_id) != token:
+def token_id(tokenizer: spm.SentencePieceProcessor | HfTokenizerJson, token: str, option: str, path: Path) -> int:
+    """The id of a piece that must exist as a whole piece (or added token) in the tokenizer."""
+    if isinstance(tokenizer, HfTokenizerJson):
+        piece_id = tokenizer.tokens.get(token)
+    else:
+        piece_id = tokenizer.piece_to_id(token)
+        piece_id = piece_id if tokenizer.id_to_piece(piece_id) == token else None
+    if piece_id is None:
         raise ConversionError(f"{option} {token!r} is not a piece of the tokenizer {path}")
     return piece_id
 
@@ -44,9 +49,10 @@ def untokenized_rows(model_type: str) -> int:
 
 
 def check_inputs(config: BundleConfig) -> CheckedInputs:
-    """The model must be a GPU weights file (base, not LoRA), the tokenizer a SentencePiece
-    model (or a Hugging Face tokenizer folder, converted as lora-convert does) with the model's
-    vocabulary (`check_tokenizer_size`), and the start/stop tokens pieces of it."""
+    """The model must be a GPU weights file (base, not LoRA) or CPU graph, the tokenizer a
+    SentencePiece model (or a Hugging Face tokenizer folder, converted as lora-convert does; for
+    .litertlm, the folder's tokenizer.json as it is) with the model's vocabulary
+    (`check_tokenizer_size`), and the start/stop tokens pieces of it."""
     model_path, tokenizer_path = Path(config.tflite_model), Path(config.tokenizer_model)
     regular_file(model_path, "--tflite-model")
     kind = file_kind(model_path)
@@ -66,14 +72,19 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
             raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
                                   "bundle the base model and ship LoRA files beside it")
         vocab_size, rows = model.parameters.vocab_size, untokenized_rows(model.subgraph_name)
-    if config.format == "litertlm" and tokenizer_path.is_dir():
-        raise ConversionError(f"--tokenizer-model {tokenizer_path} is a folder; .litertlm takes a SentencePiece "
-                              ".model file (a Hugging Face tokenizer folder works for .task bundles)")
-    tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
-    if vocab_size:
-        check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, rows,
-                             f"--tokenizer-model {tokenizer_path}", str(model_path))
-    start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
+    tokenizer: spm.SentencePieceProcessor | HfTokenizerJson
+    if config.format == "litertlm" and is_hf_tokenizer(tokenizer_path):
+        tokenizer = read_tokenizer_json(tokenizer_path, "--tokenizer-model")
+        if vocab_size:
+            tokenizer.check_fits(vocab_size, "--tokenizer-model", str(model_path))
+        tokenizer_bytes = tokenizer.data
+    else:
+        tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
+        if vocab_size:
+            check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, rows,
+                                 f"--tokenizer-model {tokenizer_path}", str(model_path))
+    start_id = None if config.start_token is None else token_id(tokenizer, config.start_token, "--start-token",
+                                                                 tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
     return CheckedInputs(model, tokenizer, tokenizer_bytes, start_id, stop_ids)
 
@@ -89,8 +100,11 @@ def write_bundle(config: BundleConfig) -> Path:
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 
-        write_litertlm(config, checked.start_id, checked.stop_ids, path, cpu=isinstance(checked.model, CpuGraphInfo))
+        hf = checked.tokenizer_bytes if isinstance(checked.tokenizer, HfTokenizerJson) else None
+        write_litertlm(config, checked.start_id, checked.stop_ids, path, cpu=isinstance(checked.model, CpuGraphInfo),
+                       hf_tokenizer=hf)
         return path
+    assert config.start_token is not None  # BundleConfig allows none for .litertlm only
     metadata = bundle_metadata(config.start_token, list(config.stop_tokens), config.enable_bytes_to_unicode_mapping,
                                config.system_prompt, config.prompt_prefix, config.prompt_suffix)
     write_zip(path, [(MODEL_ENTRY, Path(config.tflite_model)), (TOKENIZER_ENTRY, checked.tokenizer_bytes),

@@ -35,8 +35,11 @@ def fail(exc: ConversionError) -> None:
 @version_option("lora-bundle")
 @click.option("--tflite-model", help="GPU weights file from lora-convert (or MediaPipe).")
 @click.option("--tokenizer-model",
-              help="SentencePiece tokenizer.model, or a Hugging Face tokenizer folder (.task only).")
+              help="SentencePiece tokenizer.model, or a Hugging Face tokenizer folder (tokenizer.json as it is for "
+                   ".litertlm, converted to SentencePiece for .task).")
 @click.option("--start-token", help="Start token, e.g. <bos>.")
+@click.option("--no-start-token", is_flag=True,
+              help="Put no start token before the prompt (.litertlm only; Qwen 2.5 has none).")
 @click.option("--stop-tokens", multiple=True, help="Stop token (repeat for several).")
 @click.option("--output-filename", help="Bundle path (.task / .litertlm is appended if missing).")
 @click.option("--enable-bytes-to-unicode-mapping", is_flag=True, help="GPT-2 style byte-to-unicode tokenizer I/O.")
@@ -46,7 +49,7 @@ def fail(exc: ConversionError) -> None:
 @click.option("--format", "format_", type=click.Choice(FORMATS), default="task", show_default=True,
               help="task: MediaPipe LLM Inference; litertlm: LiteRT-LM.")
 @click.pass_context
-def main(ctx: click.Context, tflite_model, tokenizer_model, start_token, stop_tokens, output_filename,
+def main(ctx: click.Context, tflite_model, tokenizer_model, start_token, no_start_token, stop_tokens, output_filename,
          enable_bytes_to_unicode_mapping, system_prompt, prompt_prefix, prompt_suffix, format_) -> None:
     """Bundle a converted model with its tokenizer and tokens, or inspect / package bundles.
 
@@ -59,17 +62,20 @@ def main(ctx: click.Context, tflite_model, tokenizer_model, start_token, stop_to
     if ctx.invoked_subcommand is not None:
         return
     missing = [name for name, value in (("--tflite-model", tflite_model), ("--tokenizer-model", tokenizer_model),
-                                        ("--start-token", start_token), ("--output-filename", output_filename))
+                                        ("--start-token", start_token or no_start_token),
+                                        ("--output-filename", output_filename))
                if not value]
     if not stop_tokens:
         missing.append("--stop-tokens")
     if missing:
         raise click.UsageError(f"missing option(s) {', '.join(missing)}")
+    if start_token and no_start_token:
+        raise click.UsageError("give --start-token or --no-start-token, not both")
     from .build import write_bundle
 
     try:
         path = write_bundle(BundleConfig(
-            tflite_model=tflite_model, tokenizer_model=tokenizer_model, start_token=start_token,
+            tflite_model=tflite_model, tokenizer_model=tokenizer_model, start_token=None if no_start_token else start_token,
             stop_tokens=list(stop_tokens), output_filename=output_filename,
             enable_bytes_to_unicode_mapping=enable_bytes_to_unicode_mapping, system_prompt=unescape(system_prompt),
             prompt_prefix=unescape(prompt_prefix), prompt_suffix=unescape(prompt_suffix), format=format_,

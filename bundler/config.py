@@ -25,7 +25,7 @@ def check_text(text: str, option: str) -> None:
 class BundleConfig:
     tflite_model: str | Path
     tokenizer_model: str | Path
-    start_token: str
+    start_token: str | None  # None: no start token (--no-start-token, .litertlm only)
     stop_tokens: list[str]
     output_filename: str | Path
     enable_bytes_to_unicode_mapping: bool = False
@@ -37,7 +37,13 @@ class BundleConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.stop_tokens, (list, tuple)) or not self.stop_tokens:
             raise ConversionError("--stop-tokens: give at least one stop token")
-        if not self.start_token:
+        if self.start_token is None and self.format != "litertlm":
+            raise ConversionError("--no-start-token applies to --format litertlm only (MediaPipe puts a start token "
+                                  "before each prompt); give --start-token")
+        if self.enable_bytes_to_unicode_mapping and self.format == "litertlm":
+            raise ConversionError("--enable-bytes-to-unicode-mapping applies to --format task only (a .litertlm's "
+                                  "Hugging Face tokenizer section maps bytes itself)")
+        if self.start_token is not None and not self.start_token:
             raise ConversionError("--start-token is required (e.g. <bos>)")
         texts = [("--start-token", self.start_token), *(("--stop-tokens", t) for t in self.stop_tokens),
                  ("--system-prompt", self.system_prompt), ("--prompt-prefix", self.prompt_prefix),

@@ -25,6 +25,7 @@ class CpuGraphInfo:
     vocab_size: int
     lora_rank: int | None  # the rank of its LoRA inputs; None: it takes no LoRA
     lora_inputs: dict[str, tuple[int, ...]]  # LoRA input name -> shape
+    kv_cache_size: int | None = None  # positions a session holds (decode's `mask`); None: no mask input
 
 
 def _model(path: Path, offset: int = 0, size: int | None = None) -> schema.Model | None:
@@ -87,4 +88,6 @@ def _read_cpu_graph(path: Path, offset: int, size: int | None) -> CpuGraphInfo:
     ranks = {shape[-1] for name, shape in lora_inputs.items() if "_a_prime_" in name}
     if len(ranks) > 1:
         raise ConversionError(f"{path}: its LoRA inputs have different ranks ({sorted(ranks)})")
-    return CpuGraphInfo(tuple(signatures), outputs["logits"][-1], ranks.pop() if ranks else None, lora_inputs)
+    mask = inputs.get("mask")
+    return CpuGraphInfo(tuple(signatures), outputs["logits"][-1], ranks.pop() if ranks else None, lora_inputs,
+                        mask[-1] if mask else None)

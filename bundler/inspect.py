@@ -1,4 +1,4 @@
-"""Describe a .task bundle or a GPU weights .bin (ours or MediaPipe's) as a plain dict."""
+"""Describe a .task bundle, a GPU weights .bin (ours or MediaPipe's) or a .litertlm as a plain dict."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +9,15 @@ from pathlib import Path
 import sentencepiece as spm
 from google.protobuf.json_format import MessageToDict
 
+from converter.files import regular_file
+from converter.hf_tokenizer import parse_tokenizer_json
 from converter.tflite import SPM_VOCAB_MODEL, TYPE_NAMES, WeightFile
 from converter.proto import llm_params_pb2
 from converter.tokenizer import parse_sentencepiece
 
-from .task import TOKENIZER_ENTRY, open_weights
+from . import litertlm
+from .graph import read_cpu_graph
+from .task import TOKENIZER_ENTRY, file_kind, open_weights
 
 LORA_NAME = re.compile(r"x_layers_(\d+)\.(.+)\.w_prime_(?:left|right)$")
 MODEL_TYPES = {v: k.removeprefix("LLM_MODEL_TYPE_") for k, v in llm_params_pb2.LlmModelType.items()}
@@ -66,9 +70,67 @@ def piece(processor: spm.SentencePieceProcessor, token_id: int) -> str:
     return f"<id {token_id}: not in the tokenizer>"
 
 
+def describe_litertlm(path: Path, with_hashes: bool) -> dict:
+    """A .litertlm's sections, model section (GPU weights as a .bin's; a CPU graph's signatures,
+    vocabulary and LoRA inputs), tokenizer, start/stop token ids and prompt templates."""
+    litertlm.check_complete(path, "PATH")
+    types = {value: name for name, value in vars(litertlm.schema.AnySectionDataType).items() if not name.startswith("_")}
+    result: dict = {"path": str(path), "size": path.stat().st_size, "format": "litertlm"}
+    if with_hashes:
+        result["sha256"] = sha256(path)
+    result["sections"] = [{"type": types.get(s.dataType, str(s.dataType)), "offset": s.beginOffset,
+                           "size": s.endOffset - s.beginOffset,
+                           **({"sha256": sha256(path, s.beginOffset, s.endOffset - s.beginOffset)} if with_hashes else {})}
+                          for s in litertlm._sections(path)]
+    model_type, begin, end = litertlm.model_section(path)
+    if model_type == "tf_lite_prefill_decode":
+        graph = read_cpu_graph(path, begin, end - begin)
+        result["model"] = {"model_type": model_type, "backend": "cpu", "signatures": list(graph.signatures),
+                           "vocab_size": graph.vocab_size, "lora_rank": graph.lora_rank,
+                           "lora_inputs": len(graph.lora_inputs)}
+    else:
+        result["model"] = {**describe_weights(WeightFile(path, begin, end - begin)), "model_type": model_type}
+    spm_model, hf_json = litertlm.sentencepiece_model(path), litertlm.hf_tokenizer_json(path)
+    if spm_model is not None:
+        result["tokenizer"] = {"kind": "sentencepiece", **describe_tokenizer(spm_model, f"{path}: its tokenizer")[0]}
+    elif hf_json is not None:
+        hf = parse_tokenizer_json(hf_json, path, "its Hugging Face tokenizer section:")
+        result["tokenizer"] = {"kind": "huggingface", "vocab_size": hf.size, "sha256": hashlib.sha256(hf_json).hexdigest()}
+    metadata = litertlm.read_llm_metadata(path)
+    result["start_token"] = list(metadata.start_token.token_ids.ids) if metadata.HasField("start_token") else None
+    result["stop_tokens"] = [list(token.token_ids.ids) for token in metadata.stop_tokens]
+    result["prompt_templates"] = MessageToDict(metadata.prompt_templates, preserving_proto_field_name=True)
+    return result
+
+
+def litertlm_text(info: dict) -> str:
+    """The human-readable form of `describe_litertlm`."""
+    lines = [f"{info['path']}: litertlm, {info['size']:,} bytes" + (f", sha256 {info['sha256']}" if "sha256" in info else "")]
+    for s in info["sections"]:
+        lines.append(f"  section {s['type']:24} offset {s['offset']:>12,} size {s['size']:>14,}"
+                     + (f"  sha256 {s['sha256']}" if "sha256" in s else ""))
+    model = info["model"]
+    if model["backend"] == "cpu":
+        lora = f"LoRA rank {model['lora_rank']} ({model['lora_inputs']} inputs)" if model["lora_rank"] else "no LoRA inputs"
+        lines.append(f"model {model['model_type']}: signatures {', '.join(model['signatures'])}, vocab size "
+                     f"{model['vocab_size']}, {lora}")
+    else:
+        lines.append(f"model {model['model_type']}: {model['tensors']} tensors, vocab size "
+                     f"{model['parameters'].get('vocab_size')}")
+    tokenizer = info.get("tokenizer")
+    if tokenizer:
+        lines.append(f"tokenizer {tokenizer['kind']}, {tokenizer['vocab_size']} ids (sha256 {tokenizer['sha256'][:16]}...)")
+    lines.append(f"start token ids {info['start_token']}, stop token ids {info['stop_tokens']}")
+    if info["prompt_templates"]:
+        lines.append(f"prompt templates {info['prompt_templates']!r}")
+    return "\n".join(lines)
+
+
 def describe(path: Path, with_hashes: bool = True) -> dict:
-    """Everything worth knowing about a .task or weights file, JSON-ready."""
+    """Everything worth knowing about a .task, weights file or .litertlm, JSON-ready."""
     path = Path(path)
+    if file_kind(regular_file(path)) == "litertlm":
+        return describe_litertlm(path, with_hashes)
     weights, task = open_weights(path)
     result = {"path": str(path), "size": path.stat().st_size}
     if with_hashes:
@@ -101,6 +163,8 @@ def describe(path: Path, with_hashes: bool = True) -> dict:
 
 def format_text(info: dict) -> str:
     """The human-readable form of `describe`."""
+    if info["format"] == "litertlm":
+        return litertlm_text(info)
     model = info["model"]
     lines = [f"{info['path']}: {info['format']}, {info['size']:,} bytes" +
              (f", sha256 {info['sha256']}" if "sha256" in info else "")]

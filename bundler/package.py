@@ -68,6 +68,14 @@ class PackageResult:
 
 
 def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> WeightFile:
+    """A LoRA file converted for this base (`gpu_lora_file`), with a name an app can use."""
+    lora = gpu_lora_file(base, base_path, path)
+    if not NAME.fullmatch(name):
+        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
+    return lora
+
+
+def gpu_lora_file(base: WeightFile, base_path: Path, path: Path) -> WeightFile:
     """A LoRA file converted for this base: same model type, dimensions and vocabulary."""
     regular_file(path, "--lora")
     kind = file_kind(path)
@@ -84,13 +92,20 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
         raise ConversionError(f"--lora {path} was converted for a model with other dimensions than {base_path}")
     if lora.lora_rank > MAX_LORA_RANK or lora.lora_rank % 4:
         raise ConversionError(f"--lora {path} has rank {lora.lora_rank}; expected a multiple of 4 up to {MAX_LORA_RANK}")
+    return lora
+
+
+def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Path) -> WeightFile:
+    """A LoRA file for this CPU graph (`cpu_lora_file`), with a name an app can use."""
+    lora = cpu_lora_file(graph, base_path, path)
     if not NAME.fullmatch(name):
         raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
     return lora
 
 
-def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Path) -> WeightFile:
-    """A LoRA file for this CPU graph: its rank, and tensors named and sized as the graph's LoRA inputs."""
+def cpu_lora_file(graph: CpuGraphInfo, base_path: Path, path: Path) -> WeightFile:
+    """A LoRA file for this CPU graph: its rank, and tensors named and sized as the graph's LoRA
+    inputs (LiteRT-LM ignores a LoRA whose tensors it cannot match, or fails without saying why)."""
     regular_file(path, "--lora")
     if file_kind(path) != "weights":
         raise ConversionError(f"--lora {path} is a bundle, not a LoRA weights file")
@@ -108,8 +123,6 @@ def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Pat
         if shape is None or entry.nbytes != 4 * math.prod(shape):
             raise ConversionError(f"--lora {path}: tensor {tensor} is not a LoRA input of the CPU graph in "
                                   f"{base_path} (or has another size): was it converted for this base?")
-    if not NAME.fullmatch(name):
-        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
     return lora
 
 

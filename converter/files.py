@@ -77,7 +77,11 @@ def read_bounded(path: Path | str, option: str | None, limit: int) -> bytes:
 
 def read_json_object(path: Path, option: str | None = None) -> dict:
     """A JSON file that must hold an object (config.json, adapter_config.json), at most 64 MiB."""
-    data = read_bounded(path, option, MAX_JSON_BYTES)
+    return json_object(read_bounded(path, option, MAX_JSON_BYTES), path, option)
+
+
+def json_object(data: bytes, path: Path, option: str | None = None) -> dict:
+    """`data` (the bytes of `path`) parsed as a JSON object; errors name the option and the file."""
     try:
         config = json.loads(data)
     except ValueError as exc:

@@ -9,13 +9,14 @@ The model type is BPE and no normalization, whitespace escaping or dummy prefix 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
 from .errors import ConversionError
-from .files import read_json_object
+from .files import MAX_JSON_BYTES, json_object, read_bounded, read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -31,6 +32,74 @@ def _read_json(path: Path, option: str) -> dict[str, Any]:
         return read_json_object(path)
     except ConversionError as exc:
         raise ConversionError(f"{option} {exc}") from None
+
+
+@dataclass(frozen=True)
+class HfTokenizerJson:
+    """A Hugging Face tokenizer.json as LiteRT-LM takes it (a .litertlm's HF tokenizer section)."""
+
+    path: Path
+    data: bytes  # the file's bytes, as read and checked
+    tokens: dict[str, int]  # piece -> id: the model's vocabulary, then the added tokens
+    special: frozenset[int]  # the ids of added tokens marked special (<|begin_of_text|>, <|im_end|>)
+    size: int  # the highest id + 1
+
+    def check_fits(self, vocab_size: int, option: str, model: str) -> None:
+        """Every id must be a row of the model's embedding; fewer ids than rows is fine (checkpoints
+        pad their embedding past the tokenizer: Qwen 2.5)."""
+        if self.size > vocab_size:
+            raise ConversionError(f"{option} {self.path} has token ids up to {self.size - 1} but {model} has a "
+                                  f"vocabulary of {vocab_size} embedding rows; expected ids below {vocab_size}")
+
+    def pieces_model(self) -> bytes:
+        """SentencePiece ModelProto bytes naming the pieces by id (special added tokens CONTROL, ids
+        that name none `<unused_N>`), to read token names and kinds (converter/special_tokens.py);
+        SentencePiece itself cannot load them (there is no unknown piece)."""
+        names = [f"<unused_{index}>" for index in range(self.size)]
+        for piece, index in self.tokens.items():
+            names[index] = piece
+        proto = spm_pb.ModelProto()
+        for index, piece in enumerate(names):
+            kind = spm_pb.ModelProto.SentencePiece.CONTROL if index in self.special else spm_pb.ModelProto.SentencePiece.NORMAL
+            proto.pieces.add(piece=piece, score=0.0, type=kind)
+        proto.trainer_spec.model_type = spm_pb.TrainerSpec.BPE
+        proto.normalizer_spec.escape_whitespaces = False
+        return proto.SerializeToString()
+
+
+def is_hf_tokenizer(path: Path) -> bool:
+    """A Hugging Face tokenizer given as its folder or as its tokenizer.json (by name)."""
+    return path.is_dir() or path.suffix.lower() == ".json"
+
+
+def read_tokenizer_json(path: Path, option: str) -> HfTokenizerJson:
+    """The folder's tokenizer.json (or the .json file itself): at most 64 MiB, a JSON object with a
+    BPE model whose ids are 0..N-1 and added tokens with integer ids."""
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise ConversionError(f"{option} {path}: the folder has no {TOKENIZER_FILE}; expected a Hugging Face "
+                              "tokenizer folder or file")
+    return parse_tokenizer_json(read_bounded(file, option, MAX_JSON_BYTES), file, option)
+
+
+def parse_tokenizer_json(data: bytes, file: Path, option: str) -> HfTokenizerJson:
+    """`read_tokenizer_json`'s checks on the bytes of `file` (a tokenizer.json, or a .litertlm's section)."""
+    tokenizer = json_object(data, file, option)
+    tokens = {piece: index for index, piece in enumerate(_vocabulary(tokenizer, file, option))}
+    added = tokenizer.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ConversionError(f"{option} {file}: added_tokens must be a list")
+    special = set()
+    for entry in added:
+        index = entry.get("id") if isinstance(entry, dict) else None
+        if not (isinstance(index, int) and not isinstance(index, bool) and index >= 0
+                and isinstance(entry.get("content"), str)):
+            raise ConversionError(f"{option} {file}: each added_tokens entry needs a string content and an id >= 0 "
+                                  f"({str(entry)[:80]})")
+        tokens[entry["content"]] = index
+        if entry.get("special") is True:
+            special.add(index)
+    return HfTokenizerJson(file, data, tokens, frozenset(special), max(tokens.values(), default=-1) + 1)
 
 
 def _vocabulary(tokenizer: dict[str, Any], path: Path, option: str) -> list[str]:

@@ -24,6 +24,7 @@ from .models.values import flag, shown, strings
 from .models.base import Dims, ModelFamily, ModelType, WeightRule, check_parameters, dims_from_config
 from .special_tokens import apply_special_tokens
 from .split import SplittingSource
+from .hf_tokenizer import is_hf_tokenizer, read_tokenizer_json
 from .tokenizer import check_tokenizer_size, load_tokenizer
 
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -234,8 +235,14 @@ def plan_lora(family: ModelFamily, dims: Dims, adapter: LoraAdapter, rank: int, 
     return plan
 
 
-def read_tokenizer(path: Path, family: ModelFamily, dims: Dims) -> bytes:
-    """The SentencePiece model bytes, checked to load and to fit the model's vocabulary."""
+def read_tokenizer(path: Path, family: ModelFamily, dims: Dims, backend: str = "gpu") -> bytes:
+    """The SentencePiece model bytes, checked to load and to fit the model's vocabulary. A CPU graph
+    holds no tokenizer (lora-bundle adds it): a Hugging Face tokenizer (folder or tokenizer.json)
+    is read as LiteRT-LM takes it, as names of its ids only (`HfTokenizerJson.pieces_model`)."""
+    if backend == "cpu" and is_hf_tokenizer(path):
+        tokenizer = read_tokenizer_json(path, "--vocab-model-file")
+        tokenizer.check_fits(dims.vocab_size, "--vocab-model-file", "the model")
+        return tokenizer.pieces_model()
     data, processor = load_tokenizer(path, "--vocab-model-file")
     check_tokenizer_size(data, processor.vocab_size(), dims.vocab_size, family.untokenized_rows,
                          f"--vocab-model-file {path}", "the model")
@@ -309,7 +316,7 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
     source = SplittingSource(open_checkpoint(checkpoint, config.ckpt_format))
     plan = None
     try:
-        tokenizer = read_tokenizer(Path(config.vocab_model_file), family, dims)
+        tokenizer = read_tokenizer(Path(config.vocab_model_file), family, dims, config.backend)
         notes = apply_special_tokens(parameters, checkpoint_folder(checkpoint), hf_config, tokenizer, model_type.name)
         check_parameters(parameters)
         base = plan_base(family, dims, source, config.quantization)

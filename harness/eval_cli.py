@@ -33,9 +33,11 @@ def check_models(models: tuple[Path, ...]) -> list[Path]:
 @shared.model(multiple=True)
 @shared.lora
 @click.option("--prompt-prefix", default=None,
-              help="Text put before each user turn (\\n and \\t are unescaped) [default: the .task's template].")
+              help="Text put before each user turn (\\n and \\t are unescaped) "
+                   "[default: the .task's or .litertlm's template].")
 @click.option("--prompt-suffix", default=None,
-              help="Text put after each user turn (\\n and \\t are unescaped) [default: the .task's template].")
+              help="Text put after each user turn (\\n and \\t are unescaped) "
+                   "[default: the .task's or .litertlm's template].")
 @shared.max_tokens
 @shared.runtime
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of tables.")

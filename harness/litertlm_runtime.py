@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
-from bundler.litertlm import model_types, sentencepiece_model
+from bundler.graph import read_cpu_graph
+from bundler.litertlm import check_complete, model_section, model_types, read_llm_metadata, sentencepiece_model
+from bundler.package import cpu_lora_file, gpu_lora_file
 from bundler.task import file_kind
 from converter.errors import ConversionError
 from converter.files import regular_file
@@ -57,6 +59,7 @@ def check_model(model: Path, backend: str) -> Path:
         raise ConversionError(f"--model {model}: --runtime litertlm takes a .litertlm bundle, this is {what}; make one "
                               "with lora-bundle --format litertlm --tflite-model BASE.bin ... (a .bin runs with --runtime "
                               "reference or web, a .task with reference)")
+    check_complete(model, "--model")
     types = model_types(model)
     if MODEL_TYPES[backend] not in types:
         held = ", ".join(WHAT.get(t, t) for t in types) or "no model section"
@@ -64,6 +67,16 @@ def check_model(model: Path, backend: str) -> Path:
         hint = f"; use --backend {other[0]}" if other else ""
         raise ConversionError(f"--model {model} holds {held}, which --backend {backend} cannot run{hint}")
     return model
+
+
+def check_kv_cache(model: Path, max_tokens: int) -> None:
+    """--max-tokens within the CPU graph's KV cache: LiteRT-LM (0.18.1) stops at the cache's end
+    without a word, so a longer answer asked for would come back cut short."""
+    _, begin, end = model_section(model)
+    positions = read_cpu_graph(model, begin, end - begin).kv_cache_size
+    if positions is not None and max_tokens > positions:
+        raise ConversionError(f"--max-tokens {max_tokens}: the CPU graph in {model} holds {positions} positions "
+                              f"(lora-convert --kv-cache-size); give at most {positions}")
 
 
 class LiteRTLMRuntime(Runtime[Path]):
@@ -77,9 +90,12 @@ class LiteRTLMRuntime(Runtime[Path]):
         except ImportError:
             raise ConversionError(f"--runtime litertlm needs LiteRT-LM's Python API: {INSTALL}") from None
         self.model, self.backend = check_model(Path(model), backend), backend
+        if backend == "cpu":
+            check_kv_cache(self.model, options.max_tokens)
         self.options, self.timeouts = options, timeouts
         blob = sentencepiece_model(self.model)  # else a Hugging Face tokenizer: the engine tokenizes (_ids)
         self.tokenizer = parse_sentencepiece(blob, f"{model}: its tokenizer section") if blob else None
+        self.start = int(read_llm_metadata(self.model).HasField("start_token"))  # 0: a bundle without one
         self._lock = threading.RLock()  # one request at a time on the worker's pipes
         self._worker: _Worker | None = None
         self._rank = 0
@@ -123,7 +139,7 @@ class LiteRTLMRuntime(Runtime[Path]):
 
     # -- the runtime ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str) -> int:
-        return 1 + len(self._ids(prompt))  # the engine puts the start token before the prompt's
+        return self.start + len(self._ids(prompt))  # the engine puts the start token before the prompt's
 
     def _ids(self, text: str) -> list[int]:
         """The text's token ids: by the bundle's SentencePiece model, else by the engine (which then
@@ -135,9 +151,13 @@ class LiteRTLMRuntime(Runtime[Path]):
             return self._read("tokenizing", self.timeouts.answer)["ids"]
 
     def _load_adapter(self, path: Path) -> Path:
-        rank = WeightFile(regular_file(path, "--lora")).lora_rank
-        if rank is None:
-            raise ConversionError(f"--lora {path}: a base model's weights file, not a LoRA weights file")
+        # LiteRT-LM fails on a LoRA of other tensors without saying why, or ignores it: checked first.
+        _, begin, end = model_section(self.model)
+        if self.backend == "cpu":
+            rank = cpu_lora_file(read_cpu_graph(self.model, begin, end - begin), self.model, path).lora_rank
+        else:
+            rank = gpu_lora_file(WeightFile(self.model, begin, end - begin), self.model, path).lora_rank
+        assert rank is not None  # both checks refuse a file without one
         if rank > self._rank:
             self._rank = rank
             self.close()  # the engine's LoRA rank is set when it is made

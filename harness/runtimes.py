@@ -27,6 +27,12 @@ def check_choice(runtime: str, backend: str | None, tokenizer: Path | None = Non
 def open_runtime(runtime: str, backend: str | None, model: Path, tokenizer: Path | None, options: Options) -> "Runtime":
     """The chosen runtime with `model` loaded (options: the defaults, and --max-tokens the largest KV cache)."""
     check_choice(runtime, backend, tokenizer)
+    if runtime != "litertlm":
+        from bundler.graph import is_cpu_graph
+
+        if model.is_file() and is_cpu_graph(model):  # a regular file only: opening a FIFO would block
+            raise ConversionError(f"--model {model} is a CPU graph (lora-convert --backend cpu), which LiteRT-LM runs: "
+                                  "bundle it with lora-bundle --format litertlm and use --runtime litertlm --backend cpu")
     if runtime == "web":
         from .web_backend import WebBackend
 

@@ -21,8 +21,10 @@ INSTALL = "pip install 'lora-convert[serve]'"
 @shared.max_tokens
 @shared.sampling
 @shared.runtime
-@click.option("--prompt-prefix", default=None, help="Chat completions: text before each user turn [default: the .task's].")
-@click.option("--prompt-suffix", default=None, help="Chat completions: text after each user turn [default: the .task's].")
+@click.option("--prompt-prefix", default=None,
+              help="Chat completions: text before each user turn [default: the .task's or .litertlm's].")
+@click.option("--prompt-suffix", default=None,
+              help="Chat completions: text after each user turn [default: the .task's or .litertlm's].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 def serve(model, loras, tokenizer, max_tokens, top_k, temperature, random_seed, runtime, backend, prompt_prefix,

@@ -86,7 +86,8 @@ class Ctx:
 
     SOURCES: ClassVar[dict[str, str]] = {
         "ckpt": "tiny-gemma", "lora": "tiny-gemma-lora", "gemma2": "tiny-gemma2", "model": "model.bin",
-        "adapter": "adapter.bin", "task": "model.task", "litertlm": "model.litertlm"}
+        "adapter": "adapter.bin", "task": "model.task", "litertlm": "model.litertlm", "cpugraph": "cpu.tflite",
+        "cpubundle": "cpu.litertlm", "hftok": "hf-tokenizer"}
 
     def __init__(self, root: Path, shared: Path):
         self.root, self.shared = root, shared
@@ -528,6 +529,68 @@ def hf_tokenizer(tokenizer_json: bytes | None, tokenizer_config: bytes | None) -
         for name, data in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", tokenizer_config)):
             if data is not None:
                 (folder / name).write_bytes(data)
+    return apply
+
+
+def fake_cpu_graph(path: Path, vocab: int = 512, signatures: tuple[str, ...] = ("prefill_16", "decode")) -> None:
+    """A TFLite file shaped as a CPU graph to the bundler's reader (signatures, a `mask` of 64 KV
+    cache positions, decode's `logits` of `vocab`) but with no operators: cheap to make, and no
+    graph LiteRT-LM can run."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    def tensor(name: str, shape: list[int]):
+        item = schema.TensorT()
+        item.name, item.shape, item.type, item.buffer = name, shape, schema.TensorType.FLOAT32, 0
+        return item
+
+    def mapped(name: str, index: int):
+        item = schema.TensorMapT()
+        item.name, item.tensorIndex = name, index
+        return item
+
+    graph = schema.SubGraphT()
+    graph.tensors = [tensor("tokens", [1, 1]), tensor("mask", [1, 1, 1, 64]), tensor("logits", [1, 1, vocab])]
+    graph.inputs, graph.outputs, graph.operators = [0, 1], [2], []
+    model = schema.ModelT()
+    model.version, model.buffers, model.subgraphs = 3, [schema.BufferT()], [graph]
+    model.signatureDefs = []
+    for key in signatures:
+        signature = schema.SignatureDefT()
+        signature.signatureKey, signature.subgraphIndex = key, 0
+        signature.inputs, signature.outputs = [mapped("tokens", 0), mapped("mask", 1)], [mapped("logits", 2)]
+        model.signatureDefs.append(signature)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+
+
+def cpu_graph(**kw) -> Callable[[Ctx], None]:
+    return lambda c: fake_cpu_graph(c.cpugraph, **kw)
+
+
+HF_TOKENS = ["<s>", "</s>"]
+
+
+def hf_tokenizer_json(pieces: int = 300) -> dict:
+    """A Hugging Face tokenizer.json: a byte-level BPE of `pieces` ids (no merges), then <s> and </s>."""
+    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+            "added_tokens": [{"id": pieces + i, "content": token, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True} for i, token in enumerate(HF_TOKENS)],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {f"t{i}": i for i in range(pieces)}, "merges": []}}
+
+
+def hf_edit(edit: Callable[[dict], object]) -> Callable[[Ctx], None]:
+    """`{hftok}/tokenizer.json` changed by `edit` (which alters the parsed JSON in place)."""
+    def apply(c: Ctx) -> None:
+        path = c.hftok / "tokenizer.json"
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
     return apply
 
 
@@ -1509,6 +1572,112 @@ def eval_cases() -> Iterator[tuple]:
     yield refuse("max-tokens-0", [*EVAL, "--max-tokens", "0"], eval_data(), names=("--max-tokens",))
 
 
+CPU = [*CONVERT, "--backend", "cpu"]
+LITERTLM_CPU = ["--runtime", "litertlm", "--backend", "cpu"]
+
+
+def convert_cpu_cases() -> Iterator[tuple]:
+    """--backend cpu with each of its options hostile; settings the CPU graph cannot take."""
+    for option in ("--kv-cache-size", "--prefill-length"):
+        short = option.strip("-").split("-")[0]
+        for value in ("0", "-1", str(10**12), "1.5", "many"):
+            yield refuse(f"{short}-{value}", [*CPU, option, value], names=(option,))
+        yield refuse(f"{short}-with-gpu", [*CONVERT, option, "16"], names=(option,))
+    yield refuse("prefill-above-kv-cache", [*CPU, "--kv-cache-size", "16", "--prefill-length", "32"],
+                 names=("--prefill-length", "--kv-cache-size"))
+    yield refuse("family-without-graph", [*CPU[:1], "FALCON_RW_1B", *CPU[2:]], names=("FALCON_RW_1B",))
+    yield refuse("lora-rank-8", [*CPU, *WITH_LORA], names=("--lora-rank",))
+    yield refuse("mediapipe-compat", [*CPU, "--mediapipe-compat"], names=("--mediapipe-compat",))
+    yield refuse("backend-twice-unknown", [*CPU, "--backend", "npu"], names=("--backend",))
+    yield refuse("hf-tokenizer-past-vocab", [*CPU[:5], "{hftok}", *CPU[6:]],
+                 hf_edit(lambda t: t["added_tokens"][0].update(id=512)), names=("tokenizer.json", "512"))
+
+
+def bundle_cpu_cases() -> Iterator[tuple]:
+    """CPU graphs and Hugging Face tokenizers given to lora-bundle --format litertlm."""
+    lite = ["--tflite-model", "{model}", "--tokenizer-model", "{hftok}", "--start-token", "<s>", "--stop-tokens", "</s>",
+            "--output-filename", "{out}/m.litertlm", "--format", "litertlm"]
+    out = ("{out}/m.litertlm",)
+    graph = [*BUNDLE[:1], "{cpugraph}", *BUNDLE[2:9], "{out}/m.litertlm", "--format", "litertlm"]
+    yield accept("graph", graph, outputs=out)
+    yield accept("graph-hf-tokenizer", [*lite[:1], "{cpugraph}", *lite[2:]], outputs=out)
+    yield refuse("graph-as-task", [*BUNDLE[:1], "{cpugraph}", *BUNDLE[2:]], names=("--format litertlm",))
+    yield refuse("graph-truncated", graph, truncate_file("cpugraph", keep=0.5), names=("cpu.tflite",))
+    yield refuse("graph-cut-short", graph, truncate_file("cpugraph", keep=0.1), names=("cpu.tflite",))
+    yield refuse("graph-no-decode", graph, cpu_graph(signatures=("prefill_16",)), names=("decode",))
+    yield refuse("graph-other-vocab", graph, cpu_graph(vocab=1000), names=("tokenizer.model",))
+    yield accept("hf-tokenizer-folder", lite, outputs=out)
+    yield accept("hf-tokenizer-json", [*lite[:3], "{hftok}/tokenizer.json", *lite[4:]], outputs=out)
+    yield accept("hf-tokenizer-reproducible", lite, outputs=out, check=reproducible("{out}/m.litertlm", lite))
+    yield refuse("hf-tokenizer-not-json", lite, write_raw("hftok", "tokenizer.json", b"{not json"),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-invalid-utf8", lite, write_raw("hftok", "tokenizer.json", b'{"a": "\xff"}'),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-huge", lite, sparse("hftok", "tokenizer.json", (64 << 20) + 1), names=("64 MiB",),
+                 **hang())
+    yield refuse("hf-tokenizer-deep", lite, deep_json("hftok", "tokenizer.json", "model"), names=("nested",))
+    yield refuse("hf-tokenizer-array", lite, write_raw("hftok", "tokenizer.json", b"[]"), names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-wordpiece", lite, hf_edit(lambda t: t["model"].update(type="WordPiece")),
+                 names=("WordPiece",))
+    yield refuse("hf-tokenizer-no-model", lite, hf_edit(lambda t: t.pop("model")), names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-vocab-gap", lite, hf_edit(lambda t: t["model"]["vocab"].update(t5=9999)),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-vocab-string-ids", lite, hf_edit(lambda t: t["model"]["vocab"].update(t5="5")),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-past-vocab", lite, hf_edit(lambda t: t["added_tokens"][1].update(id=512)),
+                 names=("tokenizer.json", "512"))
+    yield refuse("hf-tokenizer-id-huge", lite, hf_edit(lambda t: t["added_tokens"][1].update(id=2**62)),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-added-no-id", lite, hf_edit(lambda t: t["added_tokens"][0].pop("id")),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-added-not-list", lite, hf_edit(lambda t: t.update(added_tokens={"a": 1})),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-start-unknown", [*lite[:5], "<bos>", *lite[6:]], names=("<bos>",))
+    yield accept("no-start-token", [*lite[:4], "--no-start-token", *lite[6:]], outputs=out)
+    yield refuse("bytes-to-unicode", [*lite, "--enable-bytes-to-unicode-mapping"],
+                 names=("--enable-bytes-to-unicode-mapping",))
+    yield refuse("no-start-token-task", [*BUNDLE[:4], "--no-start-token", *BUNDLE[6:]], names=("--no-start-token",))
+    yield refuse("no-start-token-and-start-token", [*lite, "--no-start-token"], names=("--no-start-token",))
+    yield refuse("hf-tokenizer-folder-empty", [*lite[:3], "{input}/empty", *lite[4:]], mkdir("{input}/empty"),
+                 names=("tokenizer.json",))
+    yield refuse("hf-tokenizer-fifo", lite, make_fifo("hftok", "tokenizer.json"), **hang())
+    yield refuse("hf-tokenizer-dev-zero", lite, device_link("hftok", "tokenizer.json", "/dev/zero"), **hang())
+
+
+def inspect_cpu_cases() -> Iterator[tuple]:
+    yield accept("cpu-bundle", ["{cpubundle}", "--json"])
+    yield refuse("cpu-bundle-cut-in-a-section", ["{cpubundle}"], truncate_file("cpubundle", keep=0.6),
+                 names=("truncated",))
+
+
+def run_cpu_cases() -> Iterator[tuple]:
+    """--runtime/--backend combinations and CPU graphs, bundles and LoRA files that do not go together."""
+    def model(value: str) -> list[str]:
+        return [*RUN[:1], value, *RUN[2:]]
+    yield refuse("graph-on-reference", model("{cpugraph}"), names=("--runtime litertlm",))
+    yield refuse("graph-on-web", [*model("{cpugraph}"), "--runtime", "web"], names=("--runtime litertlm",))
+    yield refuse("graph-unbundled", [*model("{cpugraph}"), *LITERTLM_CPU], names=("lora-bundle",))
+    yield refuse("gpu-bundle-on-cpu", [*model("{litertlm}"), *LITERTLM_CPU], names=("--backend gpu",))
+    yield refuse("cpu-bundle-on-gpu", [*model("{cpubundle}"), "--runtime", "litertlm"], names=("--backend cpu",))
+    yield refuse("gpu-weights-on-cpu", [*RUN, *LITERTLM_CPU], names=(".litertlm",))
+    yield refuse("gpu-lora-on-cpu", [*model("{cpubundle}"), *LITERTLM_CPU, "--lora", "{adapter}"],
+                 names=("--lora", "LoRA inputs"))
+    yield refuse("gpu-bundle-other-lora", [*model("{litertlm}"), "--runtime", "litertlm", "--lora", "{input}/other.bin"],
+                 copy_shared("big-lora.bin", "other.bin"), names=("--lora", "other dimensions"))
+    yield refuse("graph-engine-cannot-run", [*model("{cpubundle}"), *LITERTLM_CPU], names=("LiteRT-LM",))
+    yield refuse("cpu-bundle-truncated", [*model("{cpubundle}"), *LITERTLM_CPU], truncate_file("cpubundle"))
+    yield refuse("cpu-bundle-cut-in-a-section", [*model("{cpubundle}"), *LITERTLM_CPU],
+                 truncate_file("cpubundle", keep=0.6), names=("truncated",))
+    yield refuse("gpu-bundle-cut-in-a-section", [*model("{litertlm}"), "--runtime", "litertlm"],
+                 truncate_file("litertlm", keep=0.6), names=("truncated",))
+    yield refuse("max-tokens-past-kv-cache", [*model("{cpubundle}"), *LITERTLM_CPU, "--max-tokens", "65"],
+                 names=("--max-tokens 65", "64 positions"))
+    yield refuse("backend-without-litertlm", [*RUN, "--backend", "cpu"], names=("--backend",))
+    yield refuse("backend-unknown", [*RUN, "--runtime", "litertlm", "--backend", "npu"], names=("--backend",))
+    yield refuse("eval-graph", ["eval", "{input}/data.jsonl", "--model", "{cpugraph}"],
+                 eval_data(), names=("--runtime litertlm",))
+
+
 TABLES = {
     ("convert", "ckpt", "ckpt"): convert_checkpoint_cases,
     ("convert", "header", "ckpt"): convert_header_cases,
@@ -1522,6 +1691,10 @@ TABLES = {
     ("inspect", "inspect", "bundle"): inspect_cases,
     ("package", "package", "bundle"): package_cases,
     ("run", "run", "run"): lora_run_cases,
+    ("convert", "cpu", "pkg"): convert_cpu_cases,
+    ("bundle", "cpu", "bundle"): bundle_cpu_cases,
+    ("inspect", "cpu", "bundle"): inspect_cpu_cases,
+    ("run", "cpu", "run"): run_cpu_cases,
     ("eval", "eval", "run"): eval_cases,
 }
 
@@ -1693,7 +1866,8 @@ def serving(shared: Path) -> Iterator[str]:
 
 def build_shared(work: Path) -> Path:
     """`<work>/shared`: fixture copies, the converted tiny model and adapter, a .task, a .litertlm,
-    a 100 MB checkpoint (for signals) and its converted base and LoRA files."""
+    a CPU graph's stand-in and its .litertlm, a Hugging Face tokenizer.json, a 100 MB checkpoint
+    (for signals) and its converted base and LoRA files."""
     shared = work / "shared"
     done = shared / ".complete"
     if done.exists():
@@ -1714,6 +1888,11 @@ def build_shared(work: Path) -> Path:
         ("bundle", ["--tflite-model", str(shared / "model.bin"), "--tokenizer-model", tok, *GEMMA_TOKENS,
                     "--output-filename", str(shared / "model.litertlm"), "--format", "litertlm"]),
     ]
+    fake_cpu_graph(shared / "cpu.tflite")
+    (shared / "hf-tokenizer").mkdir()
+    (shared / "hf-tokenizer" / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json()))
+    steps.append(("bundle", ["--tflite-model", str(shared / "cpu.tflite"), "--tokenizer-model", tok, *GEMMA_TOKENS,
+                             "--output-filename", str(shared / "cpu.litertlm"), "--format", "litertlm"]))
     make_big_checkpoint(shared / "big-gemma", shared / "tiny-gemma")
     make_tiny_gemma2(shared / "tiny-gemma2", shared / "tiny-gemma")
     steps.append(("convert", ["--model-type", "GEMMA_2B", "--input-ckpt", str(shared / "big-gemma"),
@@ -2018,6 +2197,10 @@ def run_cases(selected: list[Case], work: Path, jobs: int = 2, keep: bool = Fals
 
     build_shared(work)
     context()
+    # The checks import these from the worker threads; two threads importing the converter package
+    # first at once can each get the other's module half-initialized, so it is imported here first.
+    import bundler.task  # noqa: F401
+    import converter.tflite  # noqa: F401
 
     def one(case: Case) -> tuple:
         started = time.monotonic()

@@ -327,3 +327,35 @@ def test_litertlm_runs_on_the_gpu_backend_with_and_without_lora(converted, tmp_p
     second = run_litertlm(path, "one two three", 24, converted[1])
     assert first == second
     assert first["base"] and first["lora"] and first["base"] != first["lora"]
+
+
+def test_litertlm_takes_a_hugging_face_tokenizer_as_it_is(converted, tmp_path):
+    """The folder's tokenizer.json goes in as LiteRT-LM's HF tokenizer section (read back by
+    litert-lm-builder's own peek: its length, then its zlib stream), the start/stop ids are the
+    `tokenizers` library's, and `inspect` reports them."""
+    import hashlib
+    import zlib
+
+    import litert_lm_builder
+    from tokenizers import Tokenizer
+
+    from .test_hf_tokenizer import added, trained_tokenizer
+
+    folder = trained_tokenizer(tmp_path / "hf", 300, ["<s>"], [added("</s>", True, False)], "<s>")
+    data = (folder / "tokenizer.json").read_bytes()
+    result = run_bundle("--tflite-model", converted[0], "--tokenizer-model", folder, "--start-token", "<s>",
+                        "--stop-tokens", "</s>", "--output-filename", tmp_path / "hf.litertlm", "--format", "litertlm")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "peek.txt", "w") as out:
+        litert_lm_builder.peek_litertlm_file(str(tmp_path / "hf.litertlm"), str(tmp_path / "peek"), out)
+    assert "HF_Tokenizer" in (tmp_path / "peek.txt").read_text()
+    [section] = (tmp_path / "peek").glob("*.zlib")
+    stored = section.read_bytes()
+    assert int.from_bytes(stored[:8], "little") == len(data) and zlib.decompress(stored[8:]) == data
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    info = json.loads(run_bundle("inspect", tmp_path / "hf.litertlm", "--json").stdout)
+    assert info["tokenizer"] == {"kind": "huggingface", "vocab_size": tokenizer.get_vocab_size(),
+                                 "sha256": hashlib.sha256(data).hexdigest()}
+    assert info["start_token"] == [tokenizer.token_to_id("<s>")]
+    assert info["stop_tokens"] == [[tokenizer.token_to_id("</s>")]]
+    assert info["model"]["model_type"] == "tf_lite_artisan_text_decoder" and info["model"]["tensors"] > 0

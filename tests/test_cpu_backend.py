@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,30 +71,48 @@ def peft_model(model, rank: int = 4, alpha: int = 8, seed: int = 7):
     return peft
 
 
-def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
-    """Greedy text as LiteRT-LM decodes: <bos> + prompt, until <eos> or the KV cache is full; shown as
-    LiteRT-LM streams it, without NUL bytes (its pieces are C strings: random tiny models do
-    generate the `<0x00>` byte piece, which then streams as nothing)."""
+@dataclass(frozen=True)
+class Tokens:
+    """A tokenizer as the greedy reference uses it: text to ids, ids to text, start (None: none) and stop ids."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    start: int | None
+    stop: int
+
+
+def tiny_tokens() -> Tokens:
+    """The checked-in tiny SentencePiece tokenizer (<bos> 2, <eos> 1)."""
     tokenizer = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    ids = [BOS] + tokenizer.encode(prompt)
+    return Tokens(tokenizer.encode, tokenizer.decode, BOS, EOS)
+
+
+def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS, tokens: Tokens | None = None) -> str:
+    """Greedy text as LiteRT-LM decodes: start + prompt, until the stop id or the KV cache is full;
+    shown as LiteRT-LM streams it, without NUL bytes (its pieces are C strings: random tiny models
+    do generate the `<0x00>` byte piece, which then streams as nothing)."""
+    tokens = tokens or tiny_tokens()
+    ids = ([] if tokens.start is None else [tokens.start]) + tokens.encode(prompt)
     out: list[int] = []
     with torch.no_grad():
         while len(ids) + len(out) < max_tokens:
             token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
-            if token == EOS:
+            if token == tokens.stop:
                 break
             out.append(token)
-    return tokenizer.decode(out).replace("\x00", "")
+    return tokens.decode(out).replace("\x00", "")
 
 
-def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = TOKENIZER, *extra) -> Path:
-    """`python -m converter.cli --backend cpu` then `python -m bundler.cli --format litertlm`: the .litertlm."""
+def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = TOKENIZER, *extra,
+                start: str | None = "<bos>", stop: str = "<eos>") -> Path:
+    """`python -m converter.cli --backend cpu` then `python -m bundler.cli --format litertlm` (start
+    None: --no-start-token): the .litertlm."""
     run_module("converter.cli", "--backend", "cpu", "--model-type", model_type, "--input-ckpt", checkpoint,
                "--vocab-model-file", tokenizer, "--output-dir", out, "--output-tflite-file", out / "model.tflite",
                "--kv-cache-size", KV_CACHE, "--prefill-length", PREFILL, "--quiet", *extra, timeout=600)
     run_module("bundler.cli", "--tflite-model", out / "model.tflite", "--tokenizer-model", tokenizer,
-               "--start-token", "<bos>", "--stop-tokens", "<eos>", "--output-filename", out / "model.litertlm",
-               "--format", "litertlm")
+               *(["--no-start-token"] if start is None else ["--start-token", start]), "--stop-tokens", stop,
+               "--output-filename", out / "model.litertlm", "--format", "litertlm")
     return out / "model.litertlm"
 
 

@@ -213,32 +213,95 @@ def test_cli_refuses_bad_llama_checkpoints_in_one_line(checkpoint, tmp_path):
         assert not out.exists()
 
 
+# Each family's special tokens (start, stop, other), added after the vocabulary as theirs are; Qwen
+# 2.5 puts no start token before a prompt (bundled with --no-start-token).
+SPECIALS = {"llama": ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
+            "qwen2": ("<|endoftext|>", "<|im_end|>", "<|im_start|>")}
+NO_START = ("qwen2",)
+
+
+def train_hf_tokenizer(kind: str, folder: Path) -> Path:
+    """A byte-level BPE of ~500 ids (fewer than the model's 512 rows, as Qwen 2.5's embedding is padded)
+    trained here on seeded random words, shaped as the family's tokenizer.json: special tokens added
+    after the vocabulary, Llama 3's post-processor that puts <|begin_of_text|> first, Qwen's NFC
+    normalizer; tokenizer_config.json without an unk_token, as both families ship it."""
+    import random
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices("etaoinshrdlucmfw", k=rng.randint(2, 7))) for _ in range(3000)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([" ".join(words), " ".join(helpers.PROMPTS)], trainers.BpeTrainer(
+        vocab_size=500, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS[kind]])
+    start, stop, _ = SPECIALS[kind]
+    if kind == "llama":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{start} $A", special_tokens=[(start, tokenizer.token_to_id(start))])
+    else:
+        tokenizer.normalizer = normalizers.NFC()
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    bos = None if kind in NO_START else start
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": stop}))
+    return folder
+
+
+def tokenizer_id(folder: Path, token: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(token)
+
+
+def hf_tokens(folder: Path, kind: str) -> helpers.Tokens:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    start, stop, _ = (tokenizer.token_to_id(token) for token in SPECIALS[kind])
+    return helpers.Tokens(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode,
+                          None if kind in NO_START else start, stop)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def generated(request, tmp_path_factory):
-    """(kind, base model, PEFT model, LiteRT-LM's texts): `lora-convert --backend cpu` (fp32) with a
-    rank-4 q/k/v/o adapter (alpha 8) as a LoRA file, `lora-bundle --format litertlm`, then LiteRT-LM's
-    CPU backend, greedy, with and without the LoRA file (with tests/test_cpu_backend.py's helpers)."""
+    """(kind, base model, PEFT model, LiteRT-LM's texts, tokens): `lora-convert --backend cpu` (fp32)
+    with a rank-4 q/k/v/o adapter (alpha 8) as a LoRA file and the family's Hugging Face tokenizer
+    (Llama's folder, Qwen's tokenizer.json), `lora-bundle --format litertlm` with the same (an HF
+    tokenizer section), then LiteRT-LM's CPU backend, greedy, with and without the LoRA file (with
+    tests/test_cpu_backend.py's helpers)."""
     kind = request.param
     folder = tmp_path_factory.mktemp(f"{kind}-litertlm")
-    model = tiny_model(kind)
+    tokenizer = train_hf_tokenizer(kind, folder / "tokenizer")
+    tokens = hf_tokens(tokenizer, kind)
+    ids = dict(bos_token_id=tokenizer_id(tokenizer, SPECIALS[kind][0]), eos_token_id=tokens.stop)
+    model = tiny_model(kind, **ids)
     model.save_pretrained(folder / "ckpt")
-    peft = helpers.peft_model(tiny_model(kind))
+    peft = helpers.peft_model(tiny_model(kind, **ids))
     peft.save_pretrained(folder / "adapter")
-    bundle = helpers.cpu_convert(folder / "ckpt", FAMILIES[kind][0], folder / "out", TOKENIZER, "--quantization", "fp32",
-                         "--lora-ckpt", folder / "adapter", "--lora-output-tflite-file", folder / "out" / "lora.bin")
+    given = tokenizer if kind == "llama" else tokenizer / "tokenizer.json"
+    start, stop, _ = SPECIALS[kind]
+    bundle = helpers.cpu_convert(folder / "ckpt", FAMILIES[kind][0], folder / "out", given, "--quantization", "fp32",
+                                 "--lora-ckpt", folder / "adapter", "--lora-output-tflite-file",
+                                 folder / "out" / "lora.bin", start=None if kind in NO_START else start, stop=stop)
     # Base texts from an engine that never saw the LoRA: LiteRT-LM 0.18.1's CPU executor keeps the last
     # LoRA it loaded for later sessions that name none.
-    prompts, tokens = helpers.PROMPTS, helpers.MAX_TOKENS
-    texts = {"base": helpers.run_cpu(bundle, prompts, tokens)["base"],
-             "lora": helpers.run_cpu(bundle, prompts, tokens, folder / "out" / "lora.bin")["lora"]}
-    return kind, model, peft, texts
+    prompts, max_tokens = helpers.PROMPTS, helpers.MAX_TOKENS
+    texts = {"base": helpers.run_cpu(bundle, prompts, max_tokens)["base"],
+             "lora": helpers.run_cpu(bundle, prompts, max_tokens, folder / "out" / "lora.bin")["lora"]}
+    return kind, model, peft, texts, tokens
 
 
 def test_litertlm_cpu_generates_transformers_and_peft_text(generated):
-    kind, model, peft, texts = generated
-    expected = [helpers.hf_greedy(peft, prompt) for prompt in helpers.PROMPTS]
-    assert texts["lora"] == expected
-    assert texts["base"] == [helpers.hf_greedy(model, prompt) for prompt in helpers.PROMPTS]
+    kind, model, peft, texts, tokens = generated
+
+    def greedy(model) -> list[str]:
+        return [helpers.hf_greedy(model, prompt, tokens=tokens) for prompt in helpers.PROMPTS]
+
+    assert texts["lora"] == greedy(peft)
+    assert texts["base"] == greedy(model)
     assert texts["lora"] != texts["base"]  # the runtime picked the adapter up
     unscaled = helpers.peft_model(tiny_model(kind), alpha=4)  # alpha = r: PEFT's scale 2 is what makes the text
-    assert texts["lora"] != [helpers.hf_greedy(unscaled, prompt) for prompt in helpers.PROMPTS]
+    assert texts["lora"] != greedy(unscaled)

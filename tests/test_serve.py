@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -223,6 +224,58 @@ def test_chat_template_from_options_or_task(files, tmp_path):
     template = template_of(task, None, None)
     assert template.chat([("user", "a")]) == "S:<u>a</u>"
     assert template.chat([("system", "T:"), ("user", "a")]) == "T:<u>a</u>"
+
+
+def litertlm_with(files, path, *prompt_options: str) -> Path:
+    """The trained base as a .litertlm bundled by lora-bundle with these prompt options."""
+    from bundler.cli import main as bundle_main
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(bundle_main, [
+        "--tflite-model", str(files["base"]), "--tokenizer-model", str(TRAINED_TOKENIZER), "--start-token", "<bos>",
+        "--stop-tokens", "<eos>", "--output-filename", str(path), "--format", "litertlm", *prompt_options])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def litertlm_of(files, path, metadata) -> Path:
+    """A .litertlm written by litert-lm-builder itself (not our bundler) with this LlmMetadata."""
+    import litert_lm_builder as builder
+
+    (path.parent / "metadata.pb").write_bytes(metadata.SerializeToString())
+    file = builder.LitertLmFileBuilder()
+    file.add_tflite_model(str(files["base"]), builder.TfLiteModelType.ARTISAN_TEXT_DECODER)
+    file.add_sentencepiece_tokenizer(str(TRAINED_TOKENIZER))
+    file.add_llm_metadata(str(path.parent / "metadata.pb"))
+    with open(path, "wb") as handle:
+        file.build(handle)
+    return path
+
+
+def test_chat_template_from_a_litertlm(files, tmp_path):
+    """eval and serve read a .litertlm's prompt templates (lora-bundle's, and LiteRT-LM's own form with
+    a model prefix); given --prompt-prefix/--prompt-suffix win; a Jinja template alone is one line."""
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    from converter.errors import ConversionError
+
+    ours = litertlm_with(files, tmp_path / "ours.litertlm", "--system-prompt", "S:", "--prompt-prefix", "<u>\\n",
+                         "--prompt-suffix", "</u>")
+    template = template_of(ours, None, None)
+    assert template.chat([("user", "a"), ("assistant", "b"), ("user", "c")]) == "S:<u>\na</u>b<u>\nc</u>"
+    assert template_of(ours, "[", None).chat([("user", "a")]) == "[a"
+    assert template_of(litertlm_with(files, tmp_path / "plain.litertlm"), None, None) == PromptTemplate()
+    gemma = llm_metadata_pb2.LlmMetadata()
+    gemma.prompt_templates.user.prefix = "<start_of_turn>user\n"
+    gemma.prompt_templates.user.suffix = "<end_of_turn>\n"
+    gemma.prompt_templates.model.prefix = "<start_of_turn>model\n"
+    template = template_of(litertlm_of(files, tmp_path / "gemma.litertlm", gemma), None, None)
+    assert template.chat([("user", "hi")]) == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    jinja = llm_metadata_pb2.LlmMetadata(jinja_prompt_template="{{ messages }}")
+    jinja_only = litertlm_of(files, tmp_path / "jinja.litertlm", jinja)
+    with pytest.raises(ConversionError, match=r"^--model .*jinja.litertlm: its prompt template is a Jinja template"):
+        template_of(jinja_only, None, None)
+    assert template_of(jinja_only, "<u>", "</u>") == PromptTemplate("", "<u>", "</u>")
 
 
 def serve_command(*args) -> list[str]:
