@@ -100,8 +100,9 @@ def build_model(config: dict, source: TensorSource, placeholders: bool) -> tuple
     return model.eval(), order
 
 
-def export(model: torch.nn.Module, config: dict, out: Path, prefill: int, kv_cache: int) -> Path:
-    """litert-torch's documented export: prefill/decode signatures, int8 weights per channel."""
+def export(model: torch.nn.Module, config: dict, out: Path, prefill: int, kv_cache: int, lora_rank: int = 0) -> Path:
+    """litert-torch's documented export: prefill/decode signatures (and, with a LoRA rank, the same
+    with LoRA inputs), int8 weights per channel."""
     import_without_tensorflow()
     from litert_torch.generative.layers import kv_cache as kv_utils
     from litert_torch.generative.utilities import converter, export_config
@@ -111,5 +112,5 @@ def export(model: torch.nn.Module, config: dict, out: Path, prefill: int, kv_cac
         path = converter.convert_to_tflite(model, output_path=str(out), output_name_prefix="model",
                                            prefill_seq_len=[prefill], kv_cache_max_len=kv_cache,
                                            quantize="dynamic_int8", config=model_config(config),
-                                           export_config=settings)
+                                           export_config=settings, lora_ranks=[lora_rank] if lora_rank else None)
     return Path(path)

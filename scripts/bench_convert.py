@@ -102,8 +102,9 @@ def cpu_case(workdir: Path, preset: str, lora_rank: int, anchor: bool) -> None:
             "--out", str(out), "--cache", str(cache)]
     theirs = [sys.executable, str(ROOT / "scripts" / "litert_torch_convert.py"), "--checkpoint", str(checkpoint),
               "--out", str(workdir / "cpu-litert-torch")]
-    if lora_rank:
-        theirs += ["--lora-rank", str(max(16, lora_rank))]  # LiteRT-LM takes LoRA ranks 16 or 32
+    if lora_rank:  # LoRA signatures in both graphs; LiteRT-LM takes LoRA ranks 16 or 32
+        ours += ["--lora-rank", str(max(16, lora_rank))]
+        theirs += ["--lora-rank", str(max(16, lora_rank))]
     click.echo(f"{preset} CPU int8 (prefill 128, KV cache 1280); load: {os.getloadavg()[0]:.2f}")
     warm(checkpoint)
     results = {}

@@ -29,10 +29,11 @@ def stage(label: str, start: float) -> None:
     click.echo(f"ours {label}: {time.perf_counter() - start:.1f} s, peak RSS {peak:.2f} GiB", err=True)
 
 
-def graph_key(config: dict, prefill: int, kv_cache: int) -> str:
+def graph_key(config: dict, prefill: int, kv_cache: int, lora_rank: int) -> str:
     from importlib.metadata import version
 
-    settings = {"config": config, "prefill": prefill, "kv": kv_cache, "litert-torch": version("litert-torch")}
+    settings = {"config": config, "prefill": prefill, "kv": kv_cache, "lora": lora_rank,
+                "litert-torch": version("litert-torch")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -41,17 +42,18 @@ def graph_key(config: dict, prefill: int, kv_cache: int) -> str:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write.")
 @click.option("--prefill", default=128, show_default=True)
 @click.option("--kv-cache", default=1280, show_default=True)
+@click.option("--lora-rank", default=0, show_default=True, help="Also LoRA signatures of this rank (0: none).")
 @click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True)
 @click.option("--no-cache", is_flag=True, help="Build the graph even when a cached one exists.")
-def main(checkpoint: Path, out: Path, prefill: int, kv_cache: int, cache: Path, no_cache: bool) -> None:
+def main(checkpoint: Path, out: Path, prefill: int, kv_cache: int, lora_rank: int, cache: Path, no_cache: bool) -> None:
     start = time.perf_counter()
     config = json.loads((checkpoint / "config.json").read_text())
     source = open_checkpoint(checkpoint, "safetensors")
     model, order = cpu_gemma.build_model(config, source, placeholders=True)
     stage("placeholder model", start)
-    template = cache / f"{graph_key(config, prefill, kv_cache)}.tflite"
+    template = cache / f"{graph_key(config, prefill, kv_cache, lora_rank)}.tflite"
     if no_cache or not template.is_file():
-        built = cpu_gemma.export(model, config, cache / "build", prefill, kv_cache)
+        built = cpu_gemma.export(model, config, cache / "build", prefill, kv_cache, lora_rank)
         built.replace(template)
         stage(f"graph built ({template.stat().st_size / 2**30:.2f} GiB)", start)
     else:
