@@ -4,7 +4,8 @@ shape from placeholder weights (cached), then the int8 weights are streamed into
     python scripts/cpu_stream_convert.py --checkpoint /work/big/gemma_2b --out /tmp/model.tflite
 
 Prints each stage's time and this process's peak RSS so far. The graph cache is keyed by the
-checkpoint's config.json, the export settings and the litert-torch version.
+checkpoint's config.json, the export settings and the litert-torch version; beside each graph, its
+matrices in marker order.
 """
 from __future__ import annotations
 
@@ -49,14 +50,16 @@ def main(checkpoint: Path, out: Path, prefill: int, kv_cache: int, lora_rank: in
     start = time.perf_counter()
     config = json.loads((checkpoint / "config.json").read_text())
     source = open_checkpoint(checkpoint, "safetensors")
-    model, order = cpu_gemma.build_model(config, source, placeholders=True)
-    stage("placeholder model", start)
-    template = cache / f"{graph_key(config, prefill, kv_cache, lora_rank)}.tflite"
-    if no_cache or not template.is_file():
-        built = cpu_gemma.export(model, config, cache / "build", prefill, kv_cache, lora_rank)
-        built.replace(template)
+    key = cache / graph_key(config, prefill, kv_cache, lora_rank)
+    template, order_file = key.with_suffix(".tflite"), key.with_suffix(".json")
+    if no_cache or not (template.is_file() and order_file.is_file()):
+        model, order = cpu_gemma.build_model(config, source, placeholders=True)
+        stage("placeholder model", start)
+        cpu_gemma.export(model, config, cache / "build", prefill, kv_cache, lora_rank).replace(template)
+        order_file.write_text(json.dumps(order))
         stage(f"graph built ({template.stat().st_size / 2**30:.2f} GiB)", start)
-    else:
+    else:  # litert-torch is not even imported
+        order = json.loads(order_file.read_text())
         stage(f"graph from cache ({template})", start)
     matrices, _ = cpu_gemma.graph_names(config["num_hidden_layers"])
     cpu_stream.stream_weights(template, out, source, [matrices[name] for name in order], order)
