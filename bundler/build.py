@@ -13,12 +13,13 @@ from converter.tflite import WeightFile
 from converter.tokenizer import check_tokenizer_size, load_tokenizer
 
 from .config import BundleConfig
+from .graph import CpuGraphInfo, is_cpu_graph, read_cpu_graph
 from .task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, file_kind, write_zip
 
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    model: WeightFile
+    model: WeightFile | CpuGraphInfo
     tokenizer: spm.SentencePieceProcessor
     tokenizer_bytes: bytes  # the SentencePiece model (converted when --tokenizer-model is a folder)
     start_id: int
@@ -51,18 +52,26 @@ def check_inputs(config: BundleConfig) -> CheckedInputs:
     kind = file_kind(model_path)
     if kind != "weights":
         raise ConversionError(f"--tflite-model {model_path} is a .{kind} bundle; give the GPU weights .bin "
-                              "from lora-convert")
-    model = WeightFile(model_path)
-    if model.lora_rank is not None:
-        raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
-                              "bundle the base model and ship LoRA files beside it")
+                              "or CPU graph .tflite from lora-convert")
+    model: WeightFile | CpuGraphInfo
+    if is_cpu_graph(model_path):
+        if config.format != "litertlm":
+            raise ConversionError(f"--tflite-model {model_path} is a CPU graph (lora-convert --backend cpu), which "
+                                  "LiteRT-LM runs: use --format litertlm")
+        model = read_cpu_graph(model_path)
+        vocab_size, rows = model.vocab_size, 0
+    else:
+        model = WeightFile(model_path)
+        if model.lora_rank is not None:
+            raise ConversionError(f"--tflite-model {model_path} is a LoRA weights file (rank {model.lora_rank}); "
+                                  "bundle the base model and ship LoRA files beside it")
+        vocab_size, rows = model.parameters.vocab_size, untokenized_rows(model.subgraph_name)
     if config.format == "litertlm" and tokenizer_path.is_dir():
         raise ConversionError(f"--tokenizer-model {tokenizer_path} is a folder; .litertlm takes a SentencePiece "
                               ".model file (a Hugging Face tokenizer folder works for .task bundles)")
     tokenizer_bytes, tokenizer = load_tokenizer(tokenizer_path, "--tokenizer-model")
-    vocab_size = model.parameters.vocab_size
     if vocab_size:
-        check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, untokenized_rows(model.subgraph_name),
+        check_tokenizer_size(tokenizer_bytes, tokenizer.vocab_size(), vocab_size, rows,
                              f"--tokenizer-model {tokenizer_path}", str(model_path))
     start_id = token_id(tokenizer, config.start_token, "--start-token", tokenizer_path)
     stop_ids = [token_id(tokenizer, token, "--stop-tokens", tokenizer_path) for token in config.stop_tokens]
@@ -80,7 +89,7 @@ def write_bundle(config: BundleConfig) -> Path:
     if config.format == "litertlm":
         from .litertlm import write_litertlm
 
-        write_litertlm(config, checked.start_id, checked.stop_ids, path)
+        write_litertlm(config, checked.start_id, checked.stop_ids, path, cpu=isinstance(checked.model, CpuGraphInfo))
         return path
     metadata = bundle_metadata(config.start_token, list(config.stop_tokens), config.enable_bytes_to_unicode_mapping,
                                config.system_prompt, config.prompt_prefix, config.prompt_suffix)

@@ -1,8 +1,10 @@
-""".litertlm: the same GPU weights, tokenizer and start/stop tokens for LiteRT-LM.
+""".litertlm: the GPU weights or the CPU graph, tokenizer and start/stop tokens for LiteRT-LM.
 
 Written with Google's `litert-lm-builder`. LiteRT-LM runs a MediaPipe GPU weights file when it
-is a TFLiteModel section of type `tf_lite_artisan_text_decoder` (its "GPU artisan" executor),
-next to a SentencePiece tokenizer section and an LlmMetadata section with the token ids.
+is a TFLiteModel section of type `tf_lite_artisan_text_decoder` (its "GPU artisan" executor), and
+a CPU graph (`lora-convert --backend cpu`: prefill/decode signatures) when it is one of type
+`tf_lite_prefill_decode` (its CPU executor, XNNPACK), next to a SentencePiece tokenizer section
+and an LlmMetadata section with the token ids and prompt template.
 
 The builder stamps a random `uuid` and the wall-clock `creation_timestamp` into the header's
 system metadata and offers no way to set them. We rewrite the header (parsed and packed with the
@@ -50,28 +52,52 @@ def llm_metadata(config: BundleConfig, start_id: int, stop_ids: list[int]) -> ll
     return metadata
 
 
-def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], path: Path) -> None:
-    """Build the container atomically (the builder reads the metadata from a file)."""
+def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], path: Path, cpu: bool = False) -> None:
+    """Build the container atomically (the builder reads the metadata from a file); `cpu`: the
+    model is a CPU graph, not GPU weights."""
     with tempfile.TemporaryDirectory() as scratch, atomic_output(path) as handle:
         metadata_path = Path(scratch) / "llm_metadata.pb"
         metadata_path.write_bytes(llm_metadata(config, start_id, stop_ids).SerializeToString())
         file = builder.LitertLmFileBuilder()
         file.add_system_metadata(builder.Metadata(key="Authors", value=AUTHORS, dtype=builder.DType.STRING))
-        file.add_tflite_model(str(config.tflite_model), builder.TfLiteModelType.ARTISAN_TEXT_DECODER)
+        model_type = builder.TfLiteModelType.PREFILL_DECODE if cpu else builder.TfLiteModelType.ARTISAN_TEXT_DECODER
+        file.add_tflite_model(str(config.tflite_model), model_type)
         file.add_sentencepiece_tokenizer(str(config.tokenizer_model))
         file.add_llm_metadata(str(metadata_path))
         file.build(handle)
         pin_system_metadata(handle)
 
 
-def pin_system_metadata(handle: BinaryIO) -> None:
-    """Replace the header's random uuid and creation time (see the module docstring) in the
-    container just written to `handle`; the sections do not move."""
+def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
+    """The container's header and where it ends."""
     handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
     header_end = int.from_bytes(handle.read(8), "little")
     start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
     handle.seek(start)
-    header = schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0)
+    return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
+
+
+def model_section(path: Path) -> tuple[str, int, int]:
+    """(model_type, begin, end) of a .litertlm's TFLite model section (`tf_lite_prefill_decode` for
+    a CPU graph, `tf_lite_artisan_text_decoder` for GPU weights)."""
+    try:
+        with open(path, "rb") as handle:
+            header, _ = read_header(handle)
+    except (OSError, ValueError, IndexError, TypeError) as error:
+        raise ConversionError(f"{path}: cannot read its .litertlm header ({error})") from None
+    for section in header.sectionMetadata.objects or []:
+        types = [item.value.value for item in section.items or [] if item.key == b"model_type"]
+        if types:
+            value = types[0]
+            return (value.decode() if isinstance(value, bytes) else value), section.beginOffset, section.endOffset
+    raise ConversionError(f"{path}: its .litertlm has no TFLite model section")
+
+
+def pin_system_metadata(handle: BinaryIO) -> None:
+    """Replace the header's random uuid and creation time (see the module docstring) in the
+    container just written to `handle`; the sections do not move."""
+    header, header_end = read_header(handle)
+    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
     first_section = min(section.beginOffset for section in header.sectionMetadata.objects)
     digest = hashlib.sha256()
     handle.seek(first_section)

@@ -10,6 +10,7 @@ LLM Inference options to use.
 from __future__ import annotations
 
 import json
+import math
 import plistlib
 import re
 import shlex
@@ -23,7 +24,9 @@ from converter.runtime_options import DEFAULTS, RuntimeOptions
 from converter.files import atomic_output, regular_file
 from converter.tflite import WeightFile
 
+from .graph import CpuGraphInfo, read_cpu_graph
 from .inspect import describe_weights, sha256
+from .litertlm import model_section
 from .output import MANIFEST, check_distinct, check_file_name, check_output_folder, staged_folder
 from .task import file_kind, open_weights
 
@@ -86,6 +89,35 @@ def check_adapter(base: WeightFile, base_path: Path, name: str, path: Path) -> W
     return lora
 
 
+def check_cpu_adapter(graph: CpuGraphInfo, base_path: Path, name: str, path: Path) -> WeightFile:
+    """A LoRA file for this CPU graph: its rank, and tensors named and sized as the graph's LoRA inputs."""
+    regular_file(path, "--lora")
+    if file_kind(path) != "weights":
+        raise ConversionError(f"--lora {path} is a bundle, not a LoRA weights file")
+    lora = WeightFile(path)
+    if lora.lora_rank is None:
+        raise ConversionError(f"--lora {path} is not a LoRA weights file (no lora_rank metadata)")
+    if graph.lora_rank is None:
+        raise ConversionError(f"--lora {path}: the CPU graph in {base_path} has no LoRA inputs (convert the base "
+                              "with --lora-ckpt, or merge the adapter)")
+    if lora.lora_rank != graph.lora_rank:
+        raise ConversionError(f"--lora {path} has rank {lora.lora_rank}; the CPU graph in {base_path} takes rank "
+                              f"{graph.lora_rank}")
+    for tensor, entry in lora.tensors.items():
+        shape = graph.lora_inputs.get(tensor)
+        if shape is None or entry.nbytes != 4 * math.prod(shape):
+            raise ConversionError(f"--lora {path}: tensor {tensor} is not a LoRA input of the CPU graph in "
+                                  f"{base_path} (or has another size): was it converted for this base?")
+    if not NAME.fullmatch(name):
+        raise ConversionError(f"--lora name {name!r} (of {path}): {NAME_RULE}; give NAME=PATH to choose one")
+    return lora
+
+
+def cpu_targets(lora: WeightFile) -> list[str]:
+    """The projections a CPU LoRA file adapts (q, k, v, o), from its tensor names."""
+    return sorted({name.split("_")[2] for name in lora.tensors if name.startswith("lora_atten_")})
+
+
 def copy_file(source: Path, destination: Path) -> None:
     with open(source, "rb") as src, atomic_output(destination) as dst:
         shutil.copyfileobj(src, dst, 16 * MB)
@@ -113,8 +145,9 @@ def size_warnings(platform: str, delivery: str, files: list[PackagedFile]) -> li
 
 def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: Path, pack_name: str = "llm",
             delivery: str = "install-time", options: RuntimeOptions = DEFAULTS) -> PackageResult:
-    """Check the model and adapters, lay them out for the platform with the manifests in a folder
-    beside `output`, then rename it to `output` (see bundler/output.py)."""
+    """Check the model (a .task or .bin for the GPU, a .litertlm of a CPU graph) and adapters, lay them
+    out for the platform with the manifests in a folder beside `output`, then rename it to `output`
+    (see bundler/output.py)."""
     if platform not in PLATFORMS:
         raise ConversionError(f"--platform {platform!r}: expected one of {', '.join(PLATFORMS)}")
     if delivery not in DELIVERY_TYPES:
@@ -125,11 +158,16 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConversionError(f"--lora names must be unique; repeated: {', '.join(duplicates)}")
-    base, task = open_weights(model, "MODEL")
-    kind = "task" if task is not None else "weights"
-    if base.lora_rank is not None:
-        raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
-    adapters = [(name, path, check_adapter(base, model, name, path)) for name, path in loras]
+    if file_kind(model) == "litertlm":
+        model_info, adapters = _cpu_model(model, loras)
+    else:
+        base, task = open_weights(model, "MODEL")
+        if base.lora_rank is not None:
+            raise ConversionError(f"{model} is a LoRA weights file; give the base model first")
+        adapters = [(name, path, check_adapter(base, model, name, path)) for name, path in loras]
+        description = describe_weights(base)
+        model_info = {"format": "task" if task is not None else "weights", "model_type": description["model_type"],
+                      "vocab_size": description["parameters"].get("vocab_size")}
     named = [("MODEL", model)] + [("--lora", path) for _, path in loras]
     for option, path in named:
         check_file_name(path, option)
@@ -138,15 +176,15 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
 
     files = [PackagedFile(model.name, model.stat().st_size, sha256(model), "model")]
     files += [PackagedFile(path.name, path.stat().st_size, sha256(path), "lora") for _, path, _ in adapters]
-    description = describe_weights(base)
+    cpu = model_info["format"] == "litertlm"
     manifest = {
         "format_version": 1,
         "platform": platform,
         "pack_name": pack_name,
-        "model": {"file": model.name, "format": kind, "model_type": description["model_type"],
-                  "vocab_size": description["parameters"].get("vocab_size")},
+        "model": {"file": model.name, **model_info},
         "adapters": [{"name": name, "file": path.name, "lora_rank": lora.lora_rank,
-                      "targets": describe_weights(lora)["lora_targets"]} for name, path, lora in adapters],
+                      "targets": cpu_targets(lora) if cpu else describe_weights(lora)["lora_targets"]}
+                     for name, path, lora in adapters],
         "files": [asdict(f) for f in files],
         "runtime_options": {**options.as_mediapipe(), "loraRanks": sorted({lora.lora_rank for _, _, lora in adapters})},
     }
@@ -165,6 +203,18 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
         with atomic_output(folder / MANIFEST) as handle:
             handle.write(manifest_text.encode())
     return PackageResult(output, files, size_warnings(platform, delivery, files))
+
+
+def _cpu_model(model: Path, loras: list[tuple[str, Path]]) -> tuple[dict, list[tuple[str, Path, WeightFile]]]:
+    """A .litertlm holding a CPU graph (`lora-convert --backend cpu`) and its adapters, checked."""
+    regular_file(model, "MODEL")
+    model_type, begin, end = model_section(model)
+    if model_type != "tf_lite_prefill_decode":
+        raise ConversionError(f"MODEL {model} is a .litertlm of GPU weights ({model_type}); package the .task or "
+                              ".bin for the GPU, or a .litertlm of a CPU graph (lora-convert --backend cpu)")
+    graph = read_cpu_graph(model, begin, end - begin)
+    adapters = [(name, path, check_cpu_adapter(graph, model, name, path)) for name, path in loras]
+    return {"format": "litertlm", "backend": "cpu", "model_type": None, "vocab_size": graph.vocab_size}, adapters
 
 
 def write_android(output: Path, pack_name: str, delivery: str, files: list[PackagedFile]) -> None:

@@ -21,9 +21,31 @@ from .split import SplittingSource
 from .version import version_option
 
 
+def print_cpu_plan(plan: ConversionPlan) -> None:
+    """`--backend cpu --dry-run`: each input tensor and the graph parameter it loads into; the LoRA inputs."""
+    from .cpu.graph import parameter_names, planned_slots
+    from .cpu.lora import input_shapes
+
+    config = plan.config
+    click.echo(f"# {config.output_path}: {plan.family.name} CPU graph, {config.quantization}, prefill "
+               f"{config.cpu_prefill_length}, KV cache {config.cpu_kv_cache_size}"
+               + (f", LoRA inputs of rank {config.lora_rank}" if plan.lora is not None else ""))
+    names = parameter_names(plan)
+    for key, item in planned_slots(plan).items():
+        shape = "x".join(map(str, item.shape))
+        click.echo(f"{item.source or '(zeros)':60} {names[key]:60} {shape:>14} {item.dtype:>9}")
+    if plan.lora is not None and config.lora_rank is not None:
+        click.echo(f"# {config.lora_output_path}: float32 LoRA inputs")
+        for name, (rows, cols) in input_shapes(plan.dims, config.lora_rank).items():
+            click.echo(f"{name:60} {rows}x{cols}")
+
+
 def print_plan(plan: ConversionPlan) -> None:
     """One line per output tensor: input (`+ LoRA` etc. where an adapter is merged into it), output,
     input shape, dtype, encoding, bytes."""
+    if plan.config.backend == "cpu":
+        print_cpu_plan(plan)
+        return
     merged = plan.source.inner if isinstance(plan.source, SplittingSource) else plan.source  # under the splitter
     merges = merged.merges if isinstance(merged, MergedSource) else {}
     if merges:
@@ -47,7 +69,7 @@ def print_plan(plan: ConversionPlan) -> None:
 
 
 def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, max_adapter_mb: float | None,
-                        merge_mode: str | None) -> None:
+                        merge_mode: str | None, backend: str = "gpu") -> None:
     """Validate an adapter against the model type (and base config.json) and print what would be
     written to the LoRA file, or, when merging, which base tensors change and how."""
     from pathlib import Path
@@ -59,9 +81,15 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
     check_input(adapter, "--check-adapter", folder=True)
     if input_ckpt:
         check_input(input_ckpt, "--input-ckpt", folder=True)
+    from .cpu import rules as cpu_rules
+
     family, kind = find_model_type(model_type)
+    cpu = backend == "cpu"
+    if cpu and family.cpu is None:
+        raise ConversionError(f"--backend cpu is not supported for {kind.name}: litert-torch builds no CPU graph "
+                              f"for the {family.name} family here; use --backend gpu")
     if merge_mode is None:
-        check_lora_supported(family, kind)
+        (cpu_rules.check_supported if cpu else check_lora_supported)(family, kind)
     dims, base_config = resolve_dims(family, kind, Path(input_ckpt)) if input_ckpt else (kind.reference, {})
     loaded = load_adapter(adapter, family, dims, kind.name, max_adapter_mb, merge_mode, base_config)
     loaded.source.close()
@@ -74,13 +102,25 @@ def print_adapter_check(adapter: str, model_type: str, input_ckpt: str | None, m
             how = f"rank {merge.rank}, scale {merge.scale:g}" if merge.a_key else "whole tensor"
             click.echo(f"{merge.target:40} <- {merge.what} ({how})")
         return
-    click.echo(f"{adapter}: rank {loaded.rank} (LoRA file rank {runtime_rank(loaded.rank)} unless --lora-rank says "
+    if cpu:
+        cpu_rules.check_targets(family, {pair.module for pair in loaded.pairs if pair.a_key})
+        file_rank = next((r for r in cpu_rules.RANKS if r >= loaded.rank), None)
+        if file_rank is None:
+            raise ConversionError(f"the adapter's rank {loaded.rank} ({adapter}) is above {cpu_rules.RANKS[-1]}, the "
+                                  "largest LoRA rank --backend cpu takes; merge it with --merge-lora")
+    else:
+        file_rank = runtime_rank(loaded.rank)
+    click.echo(f"{adapter}: rank {loaded.rank} (LoRA file rank {file_rank} unless --lora-rank says "
                f"otherwise), {len(loaded.pairs)} LoRA modules for {kind.name} ({dims.describe()})")
+    projections = dict(zip(family.required_lora, "qkvo"))
     for pair in loaded.pairs:
         rule = family.lora_rule(pair.module)
-        prefix = family.mp_layer_prefix.format(i=pair.layer) + rule.mp
+        if cpu:
+            target = f"lora_atten_{projections[pair.module]}_{{a,b}}_prime_weight_{pair.layer}"
+        else:
+            target = f"{family.mp_layer_prefix.format(i=pair.layer) + rule.mp}.{{{rule.a_name},{rule.b_name}}}"
         what = f"rank {pair.rank}, scale {pair.scale:g}" if pair.a_key else "missing: written as zeros"
-        click.echo(f"layer {pair.layer:3} {pair.module:18} -> {prefix}.{{{rule.a_name},{rule.b_name}}}  {what}")
+        click.echo(f"layer {pair.layer:3} {pair.module:18} -> {target}  {what}")
 
 
 def lora_targets(family: ModelFamily, model_type: ModelType) -> str:
@@ -171,6 +211,12 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
 @click.option("--merge-unsupported", is_flag=True,
               help="With --merge-lora: also merge what the runtime cannot take as LoRA (DoRA, embedding LoRA, "
                    "modules_to_save tensors, targets outside the runtime's LoRA set).")
+@click.option("--kv-cache-size", type=int, default=None,
+              help=f"--backend cpu: positions of the graph's KV cache, prompt and output together "
+                   f"[default: {options.DEFAULT_KV_CACHE_SIZE}].")
+@click.option("--prefill-length", type=int, default=None,
+              help=f"--backend cpu: prompt tokens per prefill step [default: {options.DEFAULT_PREFILL_LENGTH}, "
+                   f"at most --kv-cache-size].")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:
@@ -185,7 +231,8 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
     if check_adapter:
         try:
             print_adapter_check(check_adapter, kwargs["model_type"], kwargs["input_ckpt"], kwargs["max_adapter_mb"],
-                                options.merge_mode(kwargs["merge_lora"], kwargs["merge_unsupported"]))
+                                options.merge_mode(kwargs["merge_lora"], kwargs["merge_unsupported"]),
+                                kwargs["backend"])
         except ConversionError as exc:
             fail(exc)
         return
@@ -202,7 +249,9 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
         if plan.lora is not None and not quiet:
             default = kwargs["lora_rank"] is None
             if plan.config.lora_rank > plan.adapter.rank:
-                why = " (--lora-rank not given: the adapter's rank rounded up to a multiple of 4)" if default else ""
+                rule = ("the smallest CPU rank, 16 or 32, that holds it" if plan.config.backend == "cpu"
+                        else "the adapter's rank rounded up to a multiple of 4")
+                why = f" (--lora-rank not given: {rule})" if default else ""
                 click.echo(f"note: zero-padding the rank-{plan.adapter.rank} adapter to rank "
                            f"{plan.config.lora_rank}{why}", err=True)
             elif default:

@@ -16,6 +16,9 @@ CKPT_FORMATS = ("safetensors", "pytorch")
 BACKENDS = ("gpu", "cpu")
 QUANTIZATIONS = ("int8", "int4", "fp16", "fp32")
 LORA_SCALINGS = ("peft", "raw")
+DEFAULT_KV_CACHE_SIZE = 1024  # --backend cpu: prompt + output positions (LiteRT-LM's max_num_tokens up to this)
+DEFAULT_PREFILL_LENGTH = 256  # --backend cpu: prompt tokens per prefill step
+MAX_CPU_POSITIONS = 1 << 17
 MAX_LORA_RANK = 64  # our default bound; ranks the GPU runtime was seen to take (8, 16) are far below
 
 
@@ -48,14 +51,15 @@ class ConversionConfig:
     max_adapter_mb: float | None = None
     merge_lora: bool = False
     merge_unsupported: bool = False
+    kv_cache_size: int | None = None  # --backend cpu: positions the graph's KV cache holds
+    prefill_length: int | None = None  # --backend cpu: tokens the prefill signature takes at a time
 
     def __post_init__(self) -> None:
         if self.ckpt_format not in CKPT_FORMATS:
             raise ConversionError(f"--ckpt-format {self.ckpt_format!r}: expected one of {', '.join(CKPT_FORMATS)}")
         if self.backend not in BACKENDS:
             raise ConversionError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.backend == "cpu":
-            raise ConversionError("--backend cpu is not supported yet: this converter writes GPU weight files")
+        self._check_cpu_options()
         if self.quantization not in QUANTIZATIONS:
             raise ConversionError(f"--quantization {self.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
         if self.lora_scaling is not None and self.lora_scaling not in LORA_SCALINGS:
@@ -75,6 +79,31 @@ class ConversionConfig:
                 check_input(given, option, folder=True)
         if check_name_lengths(self.output_dir, "--output-dir").is_file():
             raise ConversionError(f"--output-dir {self.output_dir} is an existing file, expected a folder")
+
+    def _check_cpu_options(self) -> None:
+        sizes = (("--kv-cache-size", self.kv_cache_size), ("--prefill-length", self.prefill_length))
+        if self.backend != "cpu":
+            for option, value in sizes:
+                if value is not None:
+                    raise ConversionError(f"{option} applies to --backend cpu only (the GPU runtime sizes its cache)")
+            return
+        if self.mediapipe_compat:
+            raise ConversionError("--mediapipe-compat reproduces MediaPipe's GPU files; it does not apply to --backend cpu")
+        for option, value in sizes:
+            if value is not None and not 1 <= value <= MAX_CPU_POSITIONS:
+                raise ConversionError(f"{option} {value}: expected 1 to {MAX_CPU_POSITIONS}")
+        if self.cpu_prefill_length > self.cpu_kv_cache_size:
+            raise ConversionError(f"--prefill-length {self.cpu_prefill_length} is above --kv-cache-size "
+                                  f"{self.cpu_kv_cache_size}: a prefill step writes that many cache positions")
+
+    @property
+    def cpu_kv_cache_size(self) -> int:
+        return self.kv_cache_size if self.kv_cache_size is not None else DEFAULT_KV_CACHE_SIZE
+
+    @property
+    def cpu_prefill_length(self) -> int:
+        return self.prefill_length if self.prefill_length is not None else min(DEFAULT_PREFILL_LENGTH,
+                                                                                self.cpu_kv_cache_size)
 
     def _check_merge_options(self) -> None:
         if merge_mode(self.merge_lora, self.merge_unsupported) is None:

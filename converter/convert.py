@@ -168,6 +168,10 @@ def input_paths(config: ConversionConfig) -> list[tuple[str, Path | None]]:
 def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> ConversionResult:
     """Write the base file and, when planned, the LoRA file; both appear only if both succeed."""
     config = plan.config
+    if config.backend == "cpu":
+        from .cpu.convert import execute_cpu  # litert-torch is imported only for the CPU backend
+
+        return execute_cpu(plan, progress)
     lora_path = config.lora_output_path if plan.lora is not None else None
     outputs = [("--output-tflite-file", config.output_path)]
     outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []

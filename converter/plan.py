@@ -14,6 +14,7 @@ import torch
 from . import tflite
 from .adapter import LoraAdapter, load_adapter
 from .checkpoint import TensorSource, open_checkpoint
+from .cpu import rules as cpu_lora
 from .config import ConversionConfig
 from .errors import ConversionError
 from .files import read_json_object
@@ -62,6 +63,7 @@ class ConversionPlan:
     adapter: LoraAdapter | None = None
     lora: list[PlannedTensor] | None = None
     notes: list[str] = field(default_factory=list)  # `note:`/`warning:` lines for the user (special tokens)
+    hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json ({} without one)
 
     def metadata(self, lora_rank: int | None = None) -> list[tuple[str, tflite.MetadataValue]]:
         items: list[tuple[str, tflite.MetadataValue]] = [
@@ -293,6 +295,12 @@ def check_lora_supported(family: ModelFamily, model_type: ModelType) -> None:
 def make_plan(config: ConversionConfig) -> ConversionPlan:
     """Validate everything about a conversion and return its plan (nothing is written)."""
     family, model_type = find_model_type(config.model_type)
+    if config.backend == "cpu" and family.cpu is None:
+        raise ConversionError(f"--backend cpu is not supported for {model_type.name}: litert-torch builds no CPU graph "
+                              f"for the {family.name} family here; use --backend gpu")
+    if config.backend not in family.backends:
+        raise ConversionError(f"--backend {config.backend} is not supported for {model_type.name} "
+                              f"(backends: {', '.join(family.backends)})")
     if config.quantization not in family.quantizations:
         raise ConversionError(f"--quantization {config.quantization} is not supported for {model_type.name}")
     checkpoint = Path(config.input_ckpt)
@@ -307,18 +315,22 @@ def make_plan(config: ConversionConfig) -> ConversionPlan:
         base = plan_base(family, dims, source, config.quantization)
         check_tied_copies(family, source)
         plan = ConversionPlan(config, family, model_type, dims, parameters.SerializeToString(), tokenizer, source,
-                              base, notes=notes)
+                              base, notes=notes, hf_config=hf_config)
         if config.lora_ckpt is not None and config.merge_lora:
             plan.adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                         config.merge_mode, hf_config)
             source.inner = MergedSource(source.inner, plan.adapter.source, plan.adapter.merges,
                                         family)
         elif config.lora_ckpt is not None:
-            check_lora_supported(family, model_type)
+            cpu = config.backend == "cpu"
+            (cpu_lora.check_supported if cpu else check_lora_supported)(family, model_type)
             adapter = load_adapter(config.lora_ckpt, family, dims, model_type.name, config.max_adapter_mb,
                                    base_config=hf_config)
             plan.adapter = adapter
-            plan.config = config = replace(config, lora_rank=lora_rank(config, adapter.rank))
+            if cpu:
+                cpu_lora.check_targets(family, {pair.module for pair in adapter.pairs if pair.a_key})
+            rank = (cpu_lora.lora_rank if cpu else lora_rank)(config, adapter.rank)
+            plan.config = config = replace(config, lora_rank=rank)
             plan.lora = plan_lora(family, dims, adapter, config.lora_rank, config.mediapipe_compat,
                                   config.effective_lora_scaling == "peft")
     except BaseException:

@@ -278,8 +278,11 @@ def test_litertlm_container_sections(converted, tmp_path):
 SWIFTSHADER_ICD = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
 
 
-def run_litertlm(*args) -> dict:
-    if not SWIFTSHADER_ICD.exists():
+def run_litertlm(*args, cpu: bool = False) -> dict:
+    """tests/runtime_litertlm.py's JSON; on the GPU backend (SwiftShader Vulkan) unless `cpu`."""
+    if cpu:
+        args += ("--cpu",)
+    elif not SWIFTSHADER_ICD.exists():
         message = f"no Vulkan driver at {SWIFTSHADER_ICD} (apt-get install chromium libvulkan1)"
         if os.environ.get("REQUIRE_RUNTIME"):
             pytest.fail(message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Any, Callable
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -158,6 +158,28 @@ class LoraRule:
 
 
 @dataclass(frozen=True)
+class CpuGraph:
+    """How litert-torch builds the family's CPU graph (`--backend cpu`, see converter/cpu/).
+
+    `example` is a module under `litert_torch.generative.examples`, `config` its function that
+    returns the real model's `ModelConfig` (converter/cpu/graph.py resizes it to config.json's
+    sizes) and `model` its model class. `params` names the litert-torch parameter each slot
+    (see `LAYER_SLOTS`) loads into, beyond the common ones in converter/cpu/graph.py. `lora`: the
+    graph takes LoRA signature inputs (litert-torch's attention applies them to q/k/v/o; a model
+    class that does not pass them on is wrapped, see converter/cpu/graph.py's `with_lora`).
+    `configure(model_config, config_json)` sets what config.json decides beyond the sizes (soft
+    caps, sliding windows); it only sets attributes, so family files never import litert-torch.
+    """
+
+    example: str
+    config: str
+    model: str
+    params: dict[str, str] = field(default_factory=dict)
+    lora: bool = False
+    configure: Callable[[Any, dict], None] | None = None
+
+
+@dataclass(frozen=True)
 class ModelType:
     """A MediaPipe model type: enum value, the real hyperparameters of its checkpoints,
     whether MediaPipe's runtime takes LoRA weights for it and its context: the most positions
@@ -198,6 +220,7 @@ class ModelFamily:
     # (name, of): a tensor the file has no place for, accepted only as an exact copy of `of`
     # (Gemma's lm_head saved tied to the embedding); a different one is refused, never dropped.
     tied_copies: tuple[tuple[str, str], ...] = ()
+    cpu: CpuGraph | None = None  # the litert-torch graph for --backend cpu; None: GPU only
 
     def model_type(self, name: str) -> ModelType:
         return next(t for t in self.model_types if t.name == name)

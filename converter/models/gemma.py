@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import (Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close, rope_theta,
-                   sized_parameters)
+from .base import (Architecture, CpuGraph, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, is_close,
+                   rope_theta, sized_parameters)
 from .values import number, optional_number, text
 
 H = ("hidden_size",)
@@ -90,6 +90,14 @@ def attention_scale_type(dims: Dims, config: dict) -> int:
     )
 
 
+def check_cpu_query_scale(config: dict, head_dim: int) -> None:
+    """litert-torch's attention scales queries by 1/sqrt(head_dim) only (--backend cpu)."""
+    scalar = number(config, "query_pre_attn_scalar", head_dim, above_low=True)
+    if scalar != head_dim:
+        raise ConversionError(f"config.json: query_pre_attn_scalar {scalar:g} cannot be expressed by --backend cpu: "
+                              f"litert-torch's graph scales queries by 1/sqrt(head_dim={head_dim})")
+
+
 def soft_cap(config: dict, key: str, default: float | None) -> float:
     """A tanh soft cap from config.json: absent means `default`, null means off (written as 0)."""
     return optional_number(config, key, default, above_low=True) or 0.0
@@ -138,4 +146,8 @@ FAMILY = ModelFamily(
     tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
+    backends=("gpu", "cpu"),
+    # litert-torch's Gemma 1: its norm before the MLP is the block's `post_atten_norm`.
+    cpu=CpuGraph("gemma.gemma1", "get_model_config_2b", "Gemma1",
+                 params={"mlp_norm": "transformer_blocks.{i}.post_atten_norm.weight"}, lora=True),
 )

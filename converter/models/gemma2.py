@@ -10,10 +10,12 @@ the same as transformers for sequences up to the window.
 from __future__ import annotations
 
 from ..proto import llm_params_pb2
-from .base import Dims, ModelFamily, ModelType
+from typing import Any
+
+from .base import CpuGraph, Dims, ModelFamily, ModelType
 from .values import integer
 from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, INPUT_NORM, LORA, MLP, REQUIRED_LORA, TIED_LM_HEAD, K, O, Q,
-                    V, attention_scale_type, base_parameters, check_common, norm, soft_cap)
+                    V, attention_scale_type, base_parameters, check_common, check_cpu_query_scale, norm, soft_cap)
 
 # transformers' Gemma2Config defaults, for config.json files that leave them out.
 DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
@@ -27,6 +29,22 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return base_parameters(dims, post_norms=True, attention_cap=caps["attn_logit_softcapping"],
                            final_cap=caps["final_logit_softcapping"], scale_type=attention_scale_type(dims, config))
 
+
+def configure_cpu(model_config: Any, config: dict) -> None:
+    """litert-torch's Gemma 2 graph: the checkpoint's soft caps (with the mask given as an input it
+    attends globally in every layer, like the GPU runtime, see above)."""
+    check_cpu_query_scale(config, model_config.block_config(0).attn_config.head_dim)
+    caps = {key: soft_cap(config, key, default) or None for key, default in DEFAULTS.items()}
+    for block in model_config.block_configs:
+        block.attn_config.logit_softcap = caps["attn_logit_softcapping"]
+    model_config.final_logit_softcap = caps["final_logit_softcapping"]
+
+
+# litert-torch's Gemma 2 and 3 blocks: the attention output norm is the block's `post_atten_norm`,
+# the MLP's norms live in its feed-forward module.
+CPU_NORMS = {"attn_post_norm": "transformer_blocks.{i}.post_atten_norm.weight",
+             "mlp_norm": "transformer_blocks.{i}.ff.pre_ff_norm.weight",
+             "mlp_post_norm": "transformer_blocks.{i}.ff.post_ff_norm.weight"}
 
 POST_NORMS_LAYER = (
     INPUT_NORM, Q, K, V, O,
@@ -48,4 +66,7 @@ FAMILY = ModelFamily(
     tied_copies=TIED_LM_HEAD,
     parameters=parameters,
     architecture=ARCHITECTURE,
+    backends=("gpu", "cpu"),
+    cpu=CpuGraph("gemma.gemma2", "get_model_config_2b", "Gemma2", params=CPU_NORMS, configure=configure_cpu,
+                 lora=True),
 )

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from ..errors import ConversionError
 from ..proto import llm_params_pb2
-from .base import Dims, ModelFamily, ModelType, Role, WeightRule, is_close
+from typing import Any
+
+from .base import CpuGraph, Dims, ModelFamily, ModelType, Role, WeightRule, is_close
 from .gemma import (ARCHITECTURE, EMBEDDING, FINAL_NORM, LORA, REQUIRED_LORA, TIED_LM_HEAD, attention_scale_type,
-                    base_parameters, check_common, soft_cap)
-from .gemma2 import POST_NORMS_LAYER
+                    base_parameters, check_common, check_cpu_query_scale, soft_cap)
+from .gemma2 import CPU_NORMS, POST_NORMS_LAYER
 from .values import flag, integer, mapping, number, strings, text
 
 LOCAL_ROPE_THETA = ARCHITECTURE.rope_theta
@@ -101,6 +103,28 @@ def parameters(dims: Dims, config: dict) -> llm_params_pb2.LlmParameters:
     return params
 
 
+def configure_cpu(model_config: Any, config: dict) -> None:
+    """litert-torch's Gemma 3 graph: the checkpoint's window, local/global pattern and rotary bases;
+    what it cannot express (scaled global rotary, a final soft cap, another query scale) is refused."""
+    config = text_config(config)
+    check_cpu_query_scale(config, model_config.block_config(0).attn_config.head_dim)
+    local_theta, global_theta, global_scaling = rope_settings(config)
+    if global_scaling != 1.0:
+        raise ConversionError(f"config.json: the global layers' linear rotary scaling (factor {global_scaling:g}) "
+                              "cannot be expressed by --backend cpu (litert-torch's Gemma 3 graph has none)")
+    if soft_cap(config, "final_logit_softcapping", None):
+        raise ConversionError("config.json: final_logit_softcapping cannot be expressed by --backend cpu "
+                              "(litert-torch's Gemma 3 graph has none)")
+    pattern = local_layers_per_global(config, model_config.num_layers) + 1
+    window, cap = integer(config, "sliding_window"), soft_cap(config, "attn_logit_softcapping", None) or None
+    for i, block in enumerate(model_config.block_configs):
+        is_global = (i + 1) % pattern == 0
+        block.attn_config.attn_type = type(block.attn_config.attn_type)["GLOBAL" if is_global else "LOCAL_SLIDING"]
+        block.attn_config.rotary_base = global_theta if is_global else local_theta
+        block.attn_config.sliding_window_size = window
+        block.attn_config.logit_softcap = cap
+
+
 QK_NORMS = (
     WeightRule("self_attn.q_norm.weight", "self_attention.q_norm.scale", Role.NORM, ("head_dim",), slot="q_norm"),
     WeightRule("self_attn.k_norm.weight", "self_attention.k_norm.scale", Role.NORM, ("head_dim",), slot="k_norm"),
@@ -128,4 +152,7 @@ FAMILY = ModelFamily(
     skipped=("vision_tower", "multi_modal_projector"),
     untokenized_rows=64,
     text_config=text_config,
+    backends=("gpu", "cpu"),
+    cpu=CpuGraph("gemma3.decoder", "get_decoder_config_1b", "Decoder", params=CPU_NORMS, configure=configure_cpu,
+                 lora=True),
 )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..proto import llm_params_pb2
 from ..proto.transformer_params_pb2 import TransformerParameters as TP
-from .base import Architecture, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule, sized_parameters
+from .base import (Architecture, CpuGraph, Dims, LoraRule, ModelFamily, ModelType, Role, WeightRule,
+                   sized_parameters)
 from .checks import require, require_close
 from .values import integer
 
@@ -90,4 +91,8 @@ FAMILY = ModelFamily(
     parameters=parameters,
     architecture=ARCHITECTURE,
     lora_float="fp32",  # MediaPipe's C++ step writes Phi-2's LoRA halves as float32 (Gemma's: fp16)
+    backends=("gpu", "cpu"),
+    # litert-torch's Phi-2: a sequential MLP (fc1 is its w1), LayerNorms with biases, lm_head with bias.
+    cpu=CpuGraph("phi.phi2", "get_model_config", "Phi2", params={"up": "transformer_blocks.{i}.ff.w1.weight"},
+                 lora=True),
 )
