@@ -6,14 +6,12 @@ int8 weights per channel), and names, for each graph parameter, the checkpoint t
 """
 from __future__ import annotations
 
-import importlib.machinery
-import sys
-import types
 from pathlib import Path
 
 import torch
 
 from .checkpoint import TensorSource
+from .cpu.litert import example, litert_torch
 from .cpu_stream import distinct_constants, use_placeholders
 
 LAYER = "model.layers.{}."
@@ -32,25 +30,9 @@ VECTORS = {"final_norm.weight": "model.norm.weight"}
 TIED = {"lm_head.weight": "tok_embedding.weight"}  # Gemma's output projection is its embedding
 
 
-def import_without_tensorflow() -> None:
-    """litert-torch's LoRA module imports TFLite's schema from tensorflow, which export does not
-    need: serve it the same generated schema from ai_edge_litert."""
-    from ai_edge_litert import schema_py_generated
-
-    for name in ("tensorflow", "tensorflow.lite", "tensorflow.lite.python"):
-        module = types.ModuleType(name)
-        module.__path__ = []
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        sys.modules.setdefault(name, module)
-    sys.modules.setdefault("tensorflow.lite.python.schema_py_generated", schema_py_generated)
-
-
 def model_config(config: dict):
     """litert-torch's Gemma 1 config with the checkpoint's dimensions."""
-    import_without_tensorflow()
-    from litert_torch.generative.examples.gemma import gemma1
-
-    result = gemma1.get_model_config_2b()
+    result = example("gemma.gemma1").get_model_config_2b()
     attention = result.block_config(0).attn_config
     attention.num_heads = config["num_attention_heads"]
     attention.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -82,7 +64,7 @@ def read_whole(source: TensorSource, name: str) -> torch.Tensor:
 def build_model(config: dict, source: TensorSource, placeholders: bool) -> tuple[torch.nn.Module, list[str]]:
     """The litert-torch model: real weights (read whole), or matrix placeholders (built on the meta
     device, nothing of the matrices allocated). Returns it and its matrix names in marker order."""
-    import_without_tensorflow()
+    litert_torch()
     from litert_torch.generative.utilities import model_builder
 
     matrices, vectors = graph_names(config["num_hidden_layers"])
@@ -103,13 +85,10 @@ def build_model(config: dict, source: TensorSource, placeholders: bool) -> tuple
 def export(model: torch.nn.Module, config: dict, out: Path, prefill: int, kv_cache: int, lora_rank: int = 0) -> Path:
     """litert-torch's documented export: prefill/decode signatures (and, with a LoRA rank, the same
     with LoRA inputs), int8 weights per channel."""
-    import_without_tensorflow()
-    from litert_torch.generative.layers import kv_cache as kv_utils
-    from litert_torch.generative.utilities import converter, export_config
-
-    settings = export_config.ExportConfig(mask_as_input=True, kvcache_layout=kv_utils.KV_LAYOUT_TRANSPOSED)
+    lt = litert_torch()
+    settings = lt.export_config.ExportConfig(mask_as_input=True, kvcache_layout=lt.kv_cache.KV_LAYOUT_TRANSPOSED)
     with distinct_constants():
-        path = converter.convert_to_tflite(model, output_path=str(out), output_name_prefix="model",
+        path = lt.converter.convert_to_tflite(model, output_path=str(out), output_name_prefix="model",
                                            prefill_seq_len=[prefill], kv_cache_max_len=kv_cache,
                                            quantize="dynamic_int8", config=model_config(config),
                                            export_config=settings, lora_ranks=[lora_rank] if lora_rank else None)

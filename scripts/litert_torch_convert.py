@@ -11,27 +11,15 @@ time or memory still says how far it got.
 """
 from __future__ import annotations
 
-import importlib.machinery
 import resource
 import sys
 import time
-import types
 from pathlib import Path
 
 import click
 
-
-def without_tensorflow() -> None:
-    """litert-torch's LoRA module imports TFLite's schema from tensorflow (not installed, not needed
-    for export): serve it the same generated schema from ai_edge_litert."""
-    from ai_edge_litert import schema_py_generated
-
-    for name in ("tensorflow", "tensorflow.lite", "tensorflow.lite.python"):
-        module = types.ModuleType(name)
-        module.__path__ = []
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        sys.modules.setdefault(name, module)
-    sys.modules.setdefault("tensorflow.lite.python.schema_py_generated", schema_py_generated)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from converter.cpu.litert import litert_torch  # noqa: E402  (imports it without TensorFlow)
 
 
 def stage(label: str, start: float) -> None:
@@ -48,7 +36,10 @@ def stage(label: str, start: float) -> None:
 @click.option("--lora-rank", default=0, show_default=True, help="Also export LoRA signatures of this rank (0: none).")
 def main(checkpoint: Path, out: Path, prefill: int, kv_cache: int, quantize: str, lora_rank: int) -> None:
     start = time.perf_counter()
-    without_tensorflow()
+    litert_torch()
+    from litert_torch import _config
+
+    _config.config.show_progress = True  # its stage lines say how far a stopped run got
     from litert_torch.generative.examples.gemma import gemma1
     from litert_torch.generative.layers import kv_cache as kv_utils
     from litert_torch.generative.utilities import converter, export_config
