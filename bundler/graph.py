@@ -16,6 +16,7 @@ from converter.errors import ConversionError
 
 DECODE = "decode"
 LORA_PREFIX = "lora_atten_"
+MAX_ENTRIES = 1 << 16  # signatures, or tensors of one signature: far above any real graph's
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,38 @@ def _model(path: Path, offset: int = 0, size: int | None = None) -> schema.Model
 
 
 def is_cpu_graph(path: Path) -> bool:
-    """A TFLite file with signatures (GPU weights files have none)."""
+    """A TFLite file with signatures (GPU weights files have none); a malformed file is not one (the
+    weights reader then says what is wrong with it)."""
     try:
         model = _model(path)
-        return model is not None and model.SignatureDefsLength() > 0
-    except (OSError, ValueError, IndexError):
+        return model is not None and 0 < model.SignatureDefsLength() <= MAX_ENTRIES
+    except Exception:  # flatbuffers raises whatever hostile offsets lead it to (struct.error, IndexError, ...)
         return False
 
 
 def read_cpu_graph(path: Path, offset: int = 0, size: int | None = None) -> CpuGraphInfo:
     """The graph's signatures, vocabulary and LoRA inputs (of the file, or of `size` bytes at
-    `offset` in a .litertlm); refuse one without prefill and decode signatures."""
+    `offset` in a .litertlm); refuse one without prefill and decode signatures, or a malformed one."""
+    try:
+        return _read_cpu_graph(path, offset, size)
+    except ConversionError:
+        raise
+    except Exception as error:  # the generated reader trusts every offset: a hostile file raises anything
+        raise ConversionError(f"{path}: a malformed TFLite graph ({type(error).__name__}: {error})"[:300]) from None
+
+
+def _counted(count: int, what: str, path: Path) -> range:
+    if not 0 <= count <= MAX_ENTRIES:
+        raise ConversionError(f"{path}: a malformed TFLite graph ({count} {what})")
+    return range(count)
+
+
+def _read_cpu_graph(path: Path, offset: int, size: int | None) -> CpuGraphInfo:
     model = _model(path, offset, size)
     if model is None:
         raise ConversionError(f"{path}: not a TFLite file")
     signatures = {}
-    for i in range(model.SignatureDefsLength()):
+    for i in _counted(model.SignatureDefsLength(), "signatures", path):
         signature = model.SignatureDefs(i)
         signatures[signature.SignatureKey().decode()] = signature
     if DECODE not in signatures or not any(name.startswith("prefill") for name in signatures):
@@ -59,7 +76,7 @@ def read_cpu_graph(path: Path, offset: int = 0, size: int | None = None) -> CpuG
     graph = model.Subgraphs(decode.SubgraphIndex())
 
     def tensors(count: int, get) -> dict[str, tuple[int, ...]]:
-        maps = (get(j) for j in range(count))
+        maps = (get(j) for j in _counted(count, "signature tensors", path))
         return {m.Name().decode(): tuple(graph.Tensors(m.TensorIndex()).ShapeAsNumpy().tolist()) for m in maps}
 
     outputs = tensors(decode.OutputsLength(), decode.Outputs)

@@ -68,31 +68,6 @@ def write_litertlm(config: BundleConfig, start_id: int, stop_ids: list[int], pat
         pin_system_metadata(handle)
 
 
-def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
-    """The container's header and where it ends."""
-    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
-    header_end = int.from_bytes(handle.read(8), "little")
-    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
-    handle.seek(start)
-    return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
-
-
-def model_section(path: Path) -> tuple[str, int, int]:
-    """(model_type, begin, end) of a .litertlm's TFLite model section (`tf_lite_prefill_decode` for
-    a CPU graph, `tf_lite_artisan_text_decoder` for GPU weights)."""
-    try:
-        with open(path, "rb") as handle:
-            header, _ = read_header(handle)
-    except (OSError, ValueError, IndexError, TypeError) as error:
-        raise ConversionError(f"{path}: cannot read its .litertlm header ({error})") from None
-    for section in header.sectionMetadata.objects or []:
-        types = [item.value.value for item in section.items or [] if item.key == b"model_type"]
-        if types:
-            value = types[0]
-            return (value.decode() if isinstance(value, bytes) else value), section.beginOffset, section.endOffset
-    raise ConversionError(f"{path}: its .litertlm has no TFLite model section")
-
-
 def pin_system_metadata(handle: BinaryIO) -> None:
     """Replace the header's random uuid and creation time (see the module docstring) in the
     container just written to `handle`; the sections do not move."""
@@ -116,3 +91,49 @@ def pin_system_metadata(handle: BinaryIO) -> None:
     handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
     handle.write((start + len(packed)).to_bytes(8, "little"))
     handle.write(packed.ljust(max(header_end - start, len(packed)), b"\0"))
+
+
+def read_header(handle: BinaryIO) -> tuple[schema.LiteRTLMMetaDataT, int]:
+    """A .litertlm container's header (its sections' types, places and metadata) and where it ends."""
+    handle.seek(litertlm_core.HEADER_END_LOCATION_BYTE_OFFSET)
+    header_end = int.from_bytes(handle.read(8), "little")
+    start = litertlm_core.HEADER_BEGIN_BYTE_OFFSET
+    handle.seek(start)
+    return schema.LiteRTLMMetaDataT.InitFromPackedBuf(handle.read(header_end - start), 0), header_end
+
+
+def _sections(path: Path) -> list:
+    try:
+        with open(path, "rb") as handle:
+            header = read_header(handle)[0]
+        return header.sectionMetadata.objects or []
+    except Exception:  # flatbuffers raises whatever a malformed header leads it to
+        raise ConversionError(f"{path}: not a readable .litertlm container (its header is malformed)") from None
+
+
+def model_types(path: Path) -> list[str]:
+    """The `model_type` of each TFLiteModel section of a .litertlm (`tf_lite_artisan_text_decoder`:
+    GPU weights for LiteRT-LM's GPU executor; `tf_lite_prefill_decode`: prefill/decode graphs)."""
+    return [item.value.value.decode("utf-8", "replace") for section in _sections(path)
+            if section.dataType == schema.AnySectionDataType.TFLiteModel
+            for item in section.items or [] if item.key == b"model_type"]
+
+
+def sentencepiece_model(path: Path) -> bytes | None:
+    """The SentencePiece tokenizer section of a .litertlm (None when it has another kind of tokenizer)."""
+    sections = [s for s in _sections(path) if s.dataType == schema.AnySectionDataType.SP_Tokenizer]
+    if not sections:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(sections[0].beginOffset)
+        return handle.read(sections[0].endOffset - sections[0].beginOffset)
+
+
+def model_section(path: Path) -> tuple[str, int, int]:
+    """(model_type, begin, end) of a .litertlm's TFLite model section (`tf_lite_prefill_decode` for
+    a CPU graph, `tf_lite_artisan_text_decoder` for GPU weights)."""
+    for section in _sections(path):
+        for item in section.items or []:
+            if section.dataType == schema.AnySectionDataType.TFLiteModel and item.key == b"model_type":
+                return item.value.value.decode("utf-8", "replace"), section.beginOffset, section.endOffset
+    raise ConversionError(f"{path}: its .litertlm has no TFLite model section")

@@ -158,6 +158,7 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConversionError(f"--lora names must be unique; repeated: {', '.join(duplicates)}")
+    regular_file(model, "MODEL")
     if file_kind(model) == "litertlm":
         model_info, adapters = _cpu_model(model, loras)
     else:
@@ -207,14 +208,14 @@ def package(model: Path, loras: list[tuple[str, Path]], platform: str, output: P
 
 def _cpu_model(model: Path, loras: list[tuple[str, Path]]) -> tuple[dict, list[tuple[str, Path, WeightFile]]]:
     """A .litertlm holding a CPU graph (`lora-convert --backend cpu`) and its adapters, checked."""
-    regular_file(model, "MODEL")
     model_type, begin, end = model_section(model)
     if model_type != "tf_lite_prefill_decode":
-        raise ConversionError(f"MODEL {model} is a .litertlm of GPU weights ({model_type}); package the .task or "
+        raise ConversionError(f"MODEL {model} is a .litertlm bundle of GPU weights ({model_type}); package the .task or "
                               ".bin for the GPU, or a .litertlm of a CPU graph (lora-convert --backend cpu)")
     graph = read_cpu_graph(model, begin, end - begin)
     adapters = [(name, path, check_cpu_adapter(graph, model, name, path)) for name, path in loras]
-    return {"format": "litertlm", "backend": "cpu", "model_type": None, "vocab_size": graph.vocab_size}, adapters
+    # The container names no MediaPipe model type; its section type says what it is.
+    return {"format": "litertlm", "backend": "cpu", "model_type": model_type, "vocab_size": graph.vocab_size}, adapters
 
 
 def write_android(output: Path, pack_name: str, delivery: str, files: list[PackagedFile]) -> None:

@@ -14,6 +14,7 @@ import math
 import mmap
 import re
 import struct
+import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class SafetensorsSource(TensorSource):
         self._maps: dict[Path, mmap.mmap] = {}
         self._offsets: dict[str, int] = {}
         self._sizes: dict[Path, int] = {}  # as validated with the header
+        self._mapping = threading.Lock()  # chunks are read from several threads
         for file in files:
             entries, data_start = _read_safetensors_header(file)
             self._sizes[file] = file.stat().st_size
@@ -89,16 +91,17 @@ class SafetensorsSource(TensorSource):
         super().__init__(infos)
 
     def _map(self, file: Path) -> mmap.mmap:
-        if file not in self._maps:
-            with open(file, "rb") as handle:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            size = len(mapped)
-            if size != self._sizes[file]:
-                mapped.close()
-                raise ConversionError(f"{file} changed while being read ({self._sizes[file]:,} bytes when its header "
-                                      f"was checked, {size:,} now); convert from a file nothing else writes")
-            self._maps[file] = mapped
-        return self._maps[file]
+        with self._mapping:
+            if file not in self._maps:
+                with open(file, "rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                size = len(mapped)
+                if size != self._sizes[file]:
+                    mapped.close()
+                    raise ConversionError(f"{file} changed while being read ({self._sizes[file]:,} bytes when its "
+                                          f"header was checked, {size:,} now); convert from a file nothing else writes")
+                self._maps[file] = mapped
+            return self._maps[file]
 
     @contextmanager
     def rows(self, name: str, start: int, stop: int) -> Iterator[torch.Tensor]:

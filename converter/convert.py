@@ -1,7 +1,10 @@
 """Run a conversion plan: stream every tensor from the checkpoint into the output files."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -14,8 +17,9 @@ from .errors import ConversionError
 from .plan import QUANT_BITS, ConversionPlan, PlannedTensor, make_plan
 
 CHUNK_ELEMENTS = 1 << 20  # ~1M weights a chunk (4 MB as float32): measured fastest on 2 cores
-STAGE_BYTES = 32 << 20  # tiled output gathered per write: whole tensors up to this size, else bands
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 Progress = Callable[[int], None]
+Encode = Callable[[torch.Tensor, torch.Tensor, int, int], None]  # (chunk, its band of the stage, start, stop)
 
 
 @dataclass(frozen=True)
@@ -37,27 +41,38 @@ def _check_finite(name: str, start: int, values: torch.Tensor) -> None:
 
 
 def _stream_tiled(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter, name: str,
-                  bytes_per_weight: float, encode: Callable[[torch.Tensor, torch.Tensor, int, int], None],
-                  progress: Progress) -> None:
+                  bytes_per_weight: float, encode: Encode, progress: Progress) -> None:
     """Stream a `[O, I]` tensor in row chunks into its tile4 layout, seen as `[I/4, O*4*bytes]`.
 
     Rows [o0, o1) of the source fill the column band [4*o0*bytes, 4*o1*bytes) of that view;
-    bands are gathered in a staging buffer and written when it is full.
+    bands are gathered in a staging buffer, its chunks encoded by WORKERS threads at once, and
+    written in the background while the next stage fills.
     """
     rows, cols = item.shape
     band = int(4 * bytes_per_weight)  # bytes per source row in each of the I/4 tiled rows
     step = rows_per_chunk(cols)
-    stage_rows = min(rows, max(step, STAGE_BYTES // (cols * band // 4) // step * step))
-    stage = torch.empty(cols // 4, stage_rows * band, dtype=torch.uint8)
-    for stage_start in range(0, rows, stage_rows):
-        stage_stop = min(stage_start + stage_rows, rows)
-        for start in range(stage_start, stage_stop, step):
-            stop = min(start + step, stage_stop)
-            with plan.source.rows(item.source, start, stop) as chunk:
-                encode(chunk, stage[:, (start - stage_start) * band:(stop - stage_start) * band], start, stop)
-            progress(int((stop - start) * cols * bytes_per_weight))
-        width = (stage_stop - stage_start) * band
-        writer.write_columns(name, stage[:, :width].numpy(), stage_start * band)
+    stage_rows = min(rows, max(step, tflite.STAGE_BYTES // (cols * band // 4) // step * step))
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="encode")
+    try:
+        for stage_start in range(0, rows, stage_rows):
+            stage_stop = min(stage_start + stage_rows, rows)
+            stage = writer.stage(cols // 4, (stage_stop - stage_start) * band)
+            chunks = [(start, min(start + step, stage_stop)) for start in range(stage_start, stage_stop, step)]
+            fill = partial(_encode_chunk, plan, item.source, encode, torch.from_numpy(stage), stage_start, band)
+            for start, stop in pool.map(fill, chunks):
+                progress(int((stop - start) * cols * bytes_per_weight))
+            writer.write_stage(name, stage, stage_start * band)
+    finally:  # after an error (a NaN, a signal) the chunks not yet started are dropped
+        pool.shutdown(cancel_futures=True)
+
+
+def _encode_chunk(plan: ConversionPlan, source: str, encode: Encode, stage: torch.Tensor, stage_start: int,
+                  band: int, rows: tuple[int, int]) -> tuple[int, int]:
+    """Read rows [start, stop) of `source` and encode them into their column band of `stage`."""
+    start, stop = rows
+    with plan.source.rows(source, start, stop) as chunk:
+        encode(chunk, stage[:, (start - stage_start) * band:(stop - stage_start) * band], start, stop)
+    return rows
 
 
 def write_quantized(plan: ConversionPlan, item: PlannedTensor, writer: tflite.WeightFileWriter,
@@ -66,10 +81,9 @@ def write_quantized(plan: ConversionPlan, item: PlannedTensor, writer: tflite.We
     rows, cols = item.shape
     name = next(s.name for s in item.outputs if not s.name.endswith((".sum_i", "_quantized_scale")))
     scales, sums = torch.empty(rows), torch.empty(rows, dtype=torch.int32)
-    quantizer = quantize.RowQuantizer(bits, rows_per_chunk(cols), cols)
 
     def encode(chunk: torch.Tensor, tiled: torch.Tensor, start: int, stop: int) -> None:
-        quantizer(chunk, tiled, scales[start:stop], sums[start:stop])
+        quantize.quantize_rows(chunk, bits, tiled, scales[start:stop], sums[start:stop])
         _check_finite(item.source, start, scales[start:stop])
 
     _stream_tiled(plan, item, writer, name, bits / 8, encode, progress)
@@ -165,6 +179,19 @@ def input_paths(config: ConversionConfig) -> list[tuple[str, Path | None]]:
     return inputs
 
 
+def check_outputs(plan: ConversionPlan) -> Path | None:
+    """Check the output paths (writable, none of them an input) before anything is written; the LoRA
+    file's path when the plan writes one."""
+    config = plan.config
+    lora_path = config.lora_output_path if plan.lora is not None else None
+    outputs = [("--output-tflite-file", config.output_path)]
+    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
+    for option, path in outputs:
+        files.check_output(path, option)
+    files.refuse_overwrite(outputs, input_paths(config))
+    return lora_path
+
+
 def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> ConversionResult:
     """Write the base file and, when planned, the LoRA file; both appear only if both succeed."""
     config = plan.config
@@ -172,12 +199,7 @@ def execute(plan: ConversionPlan, progress: Progress = lambda n: None) -> Conver
         from .cpu.convert import execute_cpu  # litert-torch is imported only for the CPU backend
 
         return execute_cpu(plan, progress)
-    lora_path = config.lora_output_path if plan.lora is not None else None
-    outputs = [("--output-tflite-file", config.output_path)]
-    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
-    for option, path in outputs:
-        files.check_output(path, option)
-    files.refuse_overwrite(outputs, input_paths(config))
+    lora_path = check_outputs(plan)
     base = file_writer(plan, plan.base, config.output_path, None)
     written = base.layout.file_size
     with base:

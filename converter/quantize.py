@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from . import fused
 
 TILE = 4
 
@@ -53,63 +56,72 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-class RowQuantizer:
-    """Quantizes row chunks of one width into the stored layout, reusing its work buffers.
+def quantize_rows(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale_out: torch.Tensor,
+                  sum_out: torch.Tensor, compiled: bool = True) -> None:
+    """Quantize `chunk` [R, I]; write `tiled_out` [I/4, R*bits/2] bytes, `scale_out` [R], `sum_out` [R].
 
-    Per chunk: `bound = max|w|` per row, `scale = bound / qmax` (0 -> 1),
-    `q = clip(round_half_even(w / scale))`, row sums of q, then `q + 2^(bits-1)` as unsigned
-    bytes (two nibbles per byte for int4, low first) in tile4 order.
+    Per row: `bound = max|w|`, `scale = bound / qmax` (0 -> 1), `q = clip(round_half_even(w / scale))`,
+    the sum of q, then `q + 2^(bits-1)` as unsigned bytes (two nibbles per byte for int4, low
+    first) in tile4 order. One compiled pass (converter.fused) when numba is installed and
+    `compiled`, else torch ops; both give the same bytes. A row holding NaN or Inf gets a NaN
+    (or Inf) scale. Safe to call from several threads at once (it keeps no state).
     """
-
-    def __init__(self, bits: int, max_rows: int, cols: int):
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        self.bits, self.cols = bits, cols
-        self._values = torch.empty(max_rows, cols)
-        self._signed = torch.empty(max_rows, cols, dtype=torch.int8)
-        self._transposed = torch.empty(cols * max_rows, dtype=torch.uint8)
-        # Float row sums are exact while |sum| < 2^24; wider rows sum in int32 instead.
-        self._float_sums = cols * 2 ** (bits - 1) < 2**24
-
-    def __call__(self, chunk: torch.Tensor, tiled_out: torch.Tensor, scale_out: torch.Tensor,
-                 sum_out: torch.Tensor) -> None:
-        """Quantize `chunk` [R, I]; write `tiled_out` [I/4, R*bits/2] bytes, `scale_out` [R], `sum_out` [R]."""
-        rows, limit = chunk.shape[0], qmax(self.bits)
-        # max/min of bf16/fp16 values are exact, so the bound is found in the stored dtype.
-        bound = torch.maximum(chunk.amax(dim=1), chunk.amin(dim=1).neg_()).to(torch.float32)
-        scale = bound.div_(limit)
-        scale.masked_fill_(scale == 0, 1.0)
-        values = self._values[:rows]
-        # w / scale in float32 (the stored values widen exactly); |w| <= bound keeps
-        # |w / scale| <= qmax (+ rounding error < 0.5), so no clamp is needed.
-        torch.div(chunk, scale[:, None], out=values).round_()
-        if self._float_sums:
-            sum_out.copy_(values.sum(dim=1))
-        else:
-            sum_out.copy_(values.to(torch.int32).sum(dim=1))
-        scale_out.copy_(scale)
-        signed = self._signed[:rows]
-        signed.copy_(values)
-        # q + 2^(bits-1) as an unsigned byte (int8) or nibble (int4) is q with its top bit flipped.
-        unsigned = signed.view(torch.uint8).bitwise_xor_(0x80 if self.bits == 8 else 0x08)
-        if self.bits == 8:
-            self._tile_into(unsigned, tiled_out)
-        else:
-            tiled = torch.empty(self.cols // TILE, rows * TILE, dtype=torch.uint8)
-            self._tile_into(unsigned, tiled)
-            tiled_out.copy_(pack_int4(tiled))
-
-    def _tile_into(self, values: torch.Tensor, out: torch.Tensor) -> None:
-        """tile4 of uint8 `[R, I]` into `out` `[I/4, R*4]`, in two cheap steps: a byte
-        transpose to `[I, R]`, then moving whole 4-byte groups (`o%4 = 0..3` of one input)."""
-        rows, cols = values.shape
-        transposed = self._transposed[: rows * cols].view(cols, rows)
-        transposed.copy_(values.t())
-        groups = transposed.view(torch.int32).view(cols // TILE, TILE, rows // TILE)
-        out.view(torch.int32).view(cols // TILE, rows // TILE, TILE).copy_(groups.permute(0, 2, 1))
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if compiled and fused.kernel is not None:
+        _quantize_compiled(chunk, bits, tiled_out, scale_out, sum_out)
+    else:
+        _quantize_torch(chunk, bits, tiled_out, scale_out, sum_out)
 
 
-def quantize_tiled(rows: torch.Tensor, bits: int) -> QuantizedRows:
+def _quantize_compiled(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale_out: torch.Tensor,
+                       sum_out: torch.Tensor) -> None:
+    assert fused.kernel is not None
+    wide = chunk.dtype != torch.bfloat16  # bf16 words widen by a shift; others go through float32
+    words = (chunk.to(torch.float32) if wide else chunk).contiguous().view(torch.uint16)
+    cols = chunk.shape[1]
+    fused.kernel(words.numpy(), wide, bits, tiled_out.numpy(), scale_out.numpy(), sum_out.numpy(),
+                 np.empty((TILE, cols), np.uint32), np.empty(1, np.uint32), np.empty((TILE, cols), np.uint8))
+
+
+def _quantize_torch(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale_out: torch.Tensor,
+                    sum_out: torch.Tensor) -> None:
+    rows, cols = chunk.shape
+    limit = qmax(bits)
+    # max/min of bf16/fp16 values are exact, so the bound is found in the stored dtype.
+    bound = torch.maximum(chunk.amax(dim=1), chunk.amin(dim=1).neg_()).to(torch.float32)
+    scale = bound.div_(limit)
+    scale.masked_fill_(scale == 0, 1.0)
+    # w / scale in float32 (the stored values widen exactly); |w| <= bound keeps
+    # |w / scale| <= qmax (+ rounding error < 0.5), so no clamp is needed.
+    values = torch.div(chunk, scale[:, None]).round_()
+    # Float row sums are exact while |sum| < 2^24; wider rows sum in int32 instead.
+    if cols * 2 ** (bits - 1) < 2**24:
+        sum_out.copy_(values.sum(dim=1))
+    else:
+        sum_out.copy_(values.to(torch.int32).sum(dim=1))
+    scale_out.copy_(scale)
+    signed = values.to(torch.int8)
+    # q + 2^(bits-1) as an unsigned byte (int8) or nibble (int4) is q with its top bit flipped.
+    unsigned = signed.view(torch.uint8).bitwise_xor_(0x80 if bits == 8 else 0x08)
+    if bits == 8:
+        _tile_into(unsigned, tiled_out)
+    else:
+        tiled = torch.empty(cols // TILE, rows * TILE, dtype=torch.uint8)
+        _tile_into(unsigned, tiled)
+        tiled_out.copy_(pack_int4(tiled))
+
+
+def _tile_into(values: torch.Tensor, out: torch.Tensor) -> None:
+    """tile4 of uint8 `[R, I]` into `out` `[I/4, R*4]`, in two cheap steps: a byte transpose to
+    `[I, R]`, then moving whole 4-byte groups (`o%4 = 0..3` of one input)."""
+    rows, cols = values.shape
+    transposed = values.t().contiguous()
+    groups = transposed.view(torch.int32).view(cols // TILE, TILE, rows // TILE)
+    out.view(torch.int32).view(cols // TILE, rows // TILE, TILE).copy_(groups.permute(0, 2, 1))
+
+
+def quantize_tiled(rows: torch.Tensor, bits: int, compiled: bool = True) -> QuantizedRows:
     """Quantize a `[R, I]` chunk and lay it out as stored (offset to unsigned, tiled)."""
     count, cols = rows.shape
     result = QuantizedRows(
@@ -117,7 +129,7 @@ def quantize_tiled(rows: torch.Tensor, bits: int) -> QuantizedRows:
         torch.empty(count),
         torch.empty(count, dtype=torch.int32),
     )
-    RowQuantizer(bits, count, cols)(rows, result.tiled, result.scale, result.row_sum)
+    quantize_rows(rows, bits, result.tiled, result.scale, result.row_sum, compiled)
     return result
 
 

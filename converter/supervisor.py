@@ -75,7 +75,7 @@ def run_guarded(run: Callable[[], object]) -> int:
     return code
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM the child if the supervisor is killed (SIGKILL cannot be forwarded)."""
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -100,7 +100,7 @@ def supervise(run: Callable[[], object]) -> NoReturn:
     if pid == 0:
         os.close(read_end)
         files.report_partials(write_end)
-        _die_with_parent()
+        die_with_parent()
         code = 1
         try:
             code = run_guarded(run)

@@ -12,13 +12,16 @@ Tables are built in the order (and with the field order) of flatc's C++ object A
 is what makes the flatbuffer region itself byte-identical to MediaPipe's.
 
 The writer sizes the file first, then writes each tensor's bytes (whole, or as column blocks of
-the tiled layout) at their final offsets as a converter streams them. It writes to a
-temporary name and renames on success, so a failure never leaves a partial file.
+the tiled layout, in a background thread from staging buffers) at their final offsets as a
+converter streams them. It writes to a temporary name and renames on success, so a failure
+never leaves a partial file.
 """
 from __future__ import annotations
 
 import os
+import queue
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,8 @@ FILE_ALIGNMENT = 65536
 MIN_FILE_SIZE = 1 << 20
 # Each tensor's shape is `[byte size]`, and TFLite shapes are int32: no tensor can be 2 GiB or more.
 MAX_TENSOR_BYTES = 2**31 - 1
+STAGE_BYTES = 16 << 20  # a staging buffer: large pwrites, and few enough to keep memory flat
+STAGES = 2  # one being filled while the other is written
 
 FLOAT32 = schema.TensorType.FLOAT32
 FLOAT16 = schema.TensorType.FLOAT16
@@ -198,8 +203,10 @@ class WeightFileWriter:
     """Streams tensors into a new weights file; use as a context manager.
 
     The file is sized and its flatbuffer written first; tensor bytes then go straight to their
-    final offsets with `pwrite` (nothing of the output is mapped into this process). On a clean
-    exit the temporary file is renamed over `path`; on an exception it is removed.
+    final offsets with `pwrite` (nothing of the output is mapped into this process), either at
+    once (`write`) or, for column blocks filled in a `stage` buffer, by a background thread
+    (`write_stage`) while the caller fills the next. On a clean exit the pending writes finish and
+    the temporary file is renamed over `path`; on an exception it is removed.
     """
 
     def __init__(self, path: Path, subgraph_name: str, tensors: list[TensorSpec],
@@ -211,6 +218,9 @@ class WeightFileWriter:
             raise ConversionError(f"{path}: duplicate tensor names in the output plan")
         self._blobs = [v for _, v in metadata if isinstance(v, bytes)]
         self._fd: int | None = None
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self._buffers = 0
+        self._pending: list[Future] = []
 
     def __enter__(self) -> "WeightFileWriter":
         with ExitStack() as stack:  # a failure here (disk full) still removes the temporary file
@@ -219,6 +229,7 @@ class WeightFileWriter:
             self._pwrite(self.layout.flatbuffer, 0)
             for blob, offset in zip(self._blobs, self.layout.blob_offsets):
                 self._pwrite(blob, offset)
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pwrite")
             self._stack = stack.pop_all()
         return self
 
@@ -250,7 +261,47 @@ class WeightFileWriter:
         for k in range(rows):
             self._pwrite(np.ascontiguousarray(block[k]), offset + k * row_length + column)
 
+    def stage(self, rows: int, width: int) -> np.ndarray:
+        """A `[rows, width]` byte buffer to fill and hand to `write_stage`; waits while all
+        STAGES buffers are being written."""
+        self._raise_failed()
+        if rows * width > STAGE_BYTES:  # a single row wider than a stage: a one-off buffer
+            return np.empty((rows, width), np.uint8)
+        if self._free.empty() and self._buffers < STAGES:
+            self._buffers += 1
+            self._free.put(np.empty(STAGE_BYTES, np.uint8))
+        return self._free.get()[: rows * width].reshape(rows, width)
+
+    def write_stage(self, name: str, block: np.ndarray, column: int) -> None:
+        """`write_columns` of a `stage` buffer, in the background; the buffer is reused after."""
+        self._raise_failed()
+        owner = block
+        while owner.base is not None:
+            owner = owner.base
+        self._pending.append(self._background.submit(self._write_stage, name, block, column, owner))
+
+    def _write_stage(self, name: str, block: np.ndarray, column: int, owner: np.ndarray) -> None:
+        try:
+            self.write_columns(name, block, column)
+        finally:
+            if owner.nbytes == STAGE_BYTES:
+                self._free.put(owner)
+
+    def _raise_failed(self) -> None:
+        """Re-raise the error of a finished background write (disk full, ...), if any."""
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        # No write may outlive the file; after an error, writes not yet started are dropped.
+        self._background.shutdown(wait=True, cancel_futures=exc is not None)
+        if exc is None:
+            try:
+                while self._pending:
+                    self._pending.pop(0).result()
+            except BaseException as error:  # the temporary file goes, and an OSError becomes one line
+                self._stack.__exit__(type(error), error, error.__traceback__)
+                raise
         self._stack.__exit__(exc_type, exc, tb)
 
 

@@ -1,4 +1,5 @@
-"""`lora-run`: generate text from our files on the reference CPU runtime, or compare it with transformers."""
+"""`lora-run`: generate text from our files on the reference CPU runtime or a real one (--runtime), or compare
+the reference runtime with transformers."""
 from __future__ import annotations
 
 import sys
@@ -7,12 +8,12 @@ from pathlib import Path
 import click
 
 from converter.errors import ConversionError
-from converter.runtime_options import DEFAULTS
 from converter.version import version_option
 from converter.supervisor import SupervisedCommand
 
-from .inputs import check_prompt, tolerant_stdout
+from . import options as shared
 from .adapters import BASE, named_adapters, unknown_adapter
+from .inputs import check_prompt, tolerant_stdout
 
 DIRECTORY = click.Path(path_type=Path)
 
@@ -61,36 +62,35 @@ class RunCommand(SupervisedCommand):
                epilog="Also: lora-run eval DATA.jsonl --model ... (scores on supervised examples) and lora-run serve "
                       "--model ... (a local HTTP server); see their --help.")
 @version_option("lora-run")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Base weights .bin or .task.")
-@click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",
-              help="LoRA weights .bin (loraPath); repeat for several adapters on the one base, each NAME=PATH "
-                   "(a bare PATH is named after its file).")
+@shared.model()
+@shared.lora
 @click.option("--adapter", default=None, metavar="NAME",
               help=f"The --lora adapter to generate with, or '{BASE}' for none [default: the only --lora].")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="SentencePiece model or Hugging Face tokenizer folder [default: the one in the model file].")
+@shared.tokenizer
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True, help="KV-cache size: prompt + output tokens, at most the model's context.")
-@click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
-@click.option("--temperature", default=DEFAULTS.temperature, show_default=True, help="0: greedy.")
-@click.option("--random-seed", default=DEFAULTS.random_seed, show_default=True)
+@shared.max_tokens
+@shared.sampling
+@shared.runtime
 @click.option("--compare", is_flag=True,
               help="Instead of generating, run the prompt through our files and through transformers "
-                   "(+ PEFT) and print the per-layer differences.")
+                   "(+ PEFT) and print the per-layer differences (reference runtime only).")
 @click.option("--hf-model", type=DIRECTORY, default=None, help="With --compare: the Hugging Face checkpoint directory.")
 @click.option("--hf-lora", type=DIRECTORY, default=None, help="With --compare: the PEFT adapter directory (with --lora).")
 @click.option("--tolerance", type=float, default=None,
               help="With --compare: relative difference that counts as wrong [default: per weight encoding].")
-def main(model, loras, adapter, tokenizer, prompt, max_tokens, top_k, temperature, random_seed,
+def main(model, loras, adapter, tokenizer, prompt, max_tokens, top_k, temperature, random_seed, runtime, backend,
          compare, hf_model, hf_lora, tolerance) -> None:
     """Stream a generation to stdout and report tokens/s on stderr (or, with --compare, a layer-by-layer diff)."""
     from .generate import Options
-    from .runtime import ReferenceRuntime
+    from .runtimes import check_choice, open_runtime
 
     tolerant_stdout()
     try:
         options = Options(max_tokens, top_k, temperature, random_seed)
         check_prompt(prompt)
+        check_choice(runtime, backend, tokenizer)
+        if compare and runtime != "reference":
+            raise ConversionError(f"--compare runs the reference runtime's layers; it does not go with --runtime {runtime}")
         named = named_adapters(loras)
         chosen = choose_adapter(named, adapter)
         if compare:
@@ -99,10 +99,10 @@ def main(model, loras, adapter, tokenizer, prompt, max_tokens, top_k, temperatur
             lora = dict(named)[chosen] if chosen else None
             click.echo(run_compare(model, lora, tokenizer, prompt, hf_model, hf_lora, tolerance))
             return
-        with ReferenceRuntime(model, tokenizer, options) as runtime:
+        with open_runtime(runtime, backend, model, tokenizer, options) as running:
             for name, path in named:
-                runtime.add_adapter(name, path)
-            result = runtime.generate(prompt, options, chosen,
+                running.add_adapter(name, path)
+            result = running.generate(prompt, options, chosen,
                                       on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     except ConversionError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -9,8 +9,8 @@ import click
 
 from converter.errors import ConversionError
 from converter.files import atomic_output, check_output, refuse_overwrite, regular_file
-from converter.runtime_options import DEFAULTS
 
+from . import options as shared
 from .adapters import named_adapters
 from .inputs import tolerant_stdout
 
@@ -30,20 +30,21 @@ def check_models(models: tuple[Path, ...]) -> list[Path]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data", type=FILE)
-@click.option("--model", "models", type=FILE, multiple=True, required=True,
-              help="Base weights .bin or .task; repeat to compare encodings of one base (int8, int4, ...).")
-@click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",
-              help="LoRA weights .bin; repeat for several adapters (a bare PATH is named after its file).")
+@shared.model(multiple=True)
+@shared.lora
 @click.option("--prompt-prefix", default=None,
               help="Text put before each user turn (\\n and \\t are unescaped) [default: the .task's template].")
 @click.option("--prompt-suffix", default=None,
               help="Text put after each user turn (\\n and \\t are unescaped) [default: the .task's template].")
-@click.option("--max-tokens", default=DEFAULTS.max_tokens, show_default=True,
-              help="KV-cache size: prompt + output tokens, at most the model's context.")
+@shared.max_tokens
+@shared.runtime
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of tables.")
 @click.option("--report", type=FILE, default=None, help="Also write an HTML report with a chart of the scores.")
-@click.option("--strict", is_flag=True, help="Refuse the data file at its first malformed line instead of skipping it.")
-def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, as_json, report, strict) -> None:
+@click.option("--strict", is_flag=True,
+              help="Refuse the data file at its first malformed line, or an example that cannot be generated, "
+                   "instead of skipping it / scoring it 0.")
+def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, runtime, backend, as_json, report,
+                 strict) -> None:
     """Generate greedily for each example of DATA (JSONL: chat {"messages": [...]}, the last assistant
     turn the reference; or Alpaca {"instruction", "input", "output"}) with the base and each adapter,
     and report exact match, token F1 and ROUGE-L per example and on average."""
@@ -51,12 +52,14 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
 
     from .eval_data import read_examples
     from .eval_report import as_html, as_json as json_document, as_text
-    from .evaluate import evaluate
+    from .evaluate import Result, evaluate
     from .metrics import check_available
+    from .runtimes import check_choice
 
     tolerant_stdout()
     try:
         check_available()
+        check_choice(runtime, backend)
         checked = check_models(models)
         named = named_adapters(loras)
         if report is not None:
@@ -68,8 +71,14 @@ def eval_command(data, models, loras, prompt_prefix, prompt_suffix, max_tokens, 
             click.echo(f"warning: {data} line {line}: {why}; skipped", err=True)
         total = len(checked) * (1 + len(named)) * len(examples.examples)
         with tqdm(total=total, desc="eval", unit="generation", file=sys.stderr, disable=None, leave=False) as bar:
+            def step(result: Result) -> None:
+                bar.update()
+                if result.error is not None:
+                    bar.write(f"warning: {data} line {result.line} ({result.model}, {result.adapter}): "
+                              f"{result.error}; scored 0", file=sys.stderr)
+
             evaluation = evaluate(checked, named, examples.examples, max_tokens, prompt_prefix, prompt_suffix,
-                                  lambda: bar.update())
+                                  step, strict, runtime, backend)
         document = json_document(evaluation, examples)
         if report is not None:
             with atomic_output(report, "--report") as handle:

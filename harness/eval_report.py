@@ -20,8 +20,9 @@ def as_json(evaluation: Evaluation, data: EvalData) -> dict:
         "adapters": evaluation.adapters,
         "examples": [{"line": e.line, "format": e.format, "reference": e.reference} for e in data.examples],
         "results": [{"line": r.line, "model": r.model, "adapter": r.adapter, "output": r.output,
-                     **{m: getattr(r.scores, m) for m in METRICS}} for r in evaluation.results],
+                     **{m: getattr(r.scores, m) for m in METRICS}, "error": r.error} for r in evaluation.results],
         "aggregate": [{"model": model, "adapter": adapter, "examples": len(evaluation.of(model, adapter)),
+                       "failed": sum(r.error is not None for r in evaluation.of(model, adapter)),
                        **evaluation.mean(model, adapter)}
                       for model in evaluation.models for adapter in evaluation.adapters],
         "differences": evaluation.differences(),
@@ -39,16 +40,21 @@ def _shown(text: str) -> str:
     return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
 
 
+def _output(result: dict) -> str:
+    """The output column: the generated text, or why there is none."""
+    return _shown(result["output"]) if result["error"] is None else "FAILED: " + _shown(result["error"])
+
+
 def as_text(document: dict) -> str:
     """Readable tables: every example's scores, the means, and the differences between models."""
     many = len(document["models"]) > 1
     lines = ["Per example:"]
     lines += _table(["line"] + (["model"] if many else []) + ["adapter", "EM", "F1", "ROUGE-L", "output"],
                     [[str(r["line"])] + ([r["model"]] if many else []) + [r["adapter"]]
-                     + [f"{r[m]:.2f}" for m in METRICS] + [_shown(r["output"])] for r in sorted(document["results"], key=lambda r: r["line"])])
-    lines += ["", "Mean over examples:"]
-    lines += _table((["model"] if many else []) + ["adapter", "examples", "EM", "F1", "ROUGE-L"],
-                    [([a["model"]] if many else []) + [a["adapter"], str(a["examples"])]
+                     + [f"{r[m]:.2f}" for m in METRICS] + [_output(r)] for r in sorted(document["results"], key=lambda r: r["line"])])
+    lines += ["", "Mean over examples (a failed generation scores 0):"]
+    lines += _table((["model"] if many else []) + ["adapter", "examples", "failed", "EM", "F1", "ROUGE-L"],
+                    [([a["model"]] if many else []) + [a["adapter"], str(a["examples"]), str(a["failed"])]
                      + [f"{a[m]:.3f}" for m in METRICS] for a in document["aggregate"]])
     if document["differences"]:
         lines += ["", f"Difference from {document['models'][0]} (positive: better):"]
@@ -93,13 +99,14 @@ def as_html(document: dict, source: str) -> str:
     def cells(values: list[str], tag: str = "td") -> str:
         return "<tr>" + "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values) + "</tr>"
 
-    means = [cells(["model", "adapter", "examples"] + [TITLES[m] for m in METRICS], "th")]
-    means += [cells([a["model"], a["adapter"], str(a["examples"])] + [f"{a[m]:.3f}" for m in METRICS])
+    means = [cells(["model", "adapter", "examples", "failed"] + [TITLES[m] for m in METRICS], "th")]
+    means += [cells([a["model"], a["adapter"], str(a["examples"]), str(a["failed"])] + [f"{a[m]:.3f}" for m in METRICS])
               for a in document["aggregate"]]
     references = {e["line"]: e["reference"] for e in document["examples"]}
     rows = [cells(["line", "model", "adapter"] + [TITLES[m] for m in METRICS] + ["output", "reference"], "th")]
     rows += [cells([str(r["line"]), r["model"], r["adapter"]] + [f"{r[m]:.2f}" for m in METRICS]
-                   + [r["output"], references[r["line"]]]) for r in document["results"]]
+                   + [r["output"] if r["error"] is None else f"failed: {r['error']}", references[r["line"]]])
+             for r in document["results"]]
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lora-run eval</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;white-space:pre-wrap}</style></head><body>"

@@ -1,6 +1,8 @@
 """`lora-run eval`'s work: each model file loaded once, greedy generation for every example with
 the base and with each adapter, scored against the references; per model and adapter the mean
-scores, and how much every model after the first differs from it (int8 vs int4 of one base)."""
+scores, and how much every model after the first differs from it (int8 vs int4 of one base).
+An example that cannot be generated (its prompt does not fit --max-tokens, ...) scores zero and
+says why, or, with `strict`, ends the evaluation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ class Result:
     adapter: str
     output: str
     scores: Scores
+    error: str | None = None  # why this generation failed (then output is empty and scores are zero)
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Evaluation:
     def mean(self, model: str, adapter: str) -> dict[str, float]:
         results = self.of(model, adapter)
         return {m: sum(getattr(r.scores, m) for r in results) / len(results) for m in METRICS}
+
+    def failures(self) -> list[Result]:
+        return [r for r in self.results if r.error is not None]
 
     def differences(self) -> list[dict]:
         """For each later model and adapter: its mean scores minus the first model's, and on how many
@@ -58,25 +64,40 @@ def model_labels(models: list[Path]) -> list[str]:
     return [m.name if names.count(m.name) == 1 else str(m) for m in models]
 
 
+FAILED = Scores(0.0, 0.0, 0.0)
+
+
 def evaluate(models: list[Path], adapters: list[tuple[str, Path]], examples: list[Example], max_tokens: int,
-             prefix: str | None, suffix: str | None, step: Callable[[], object] = lambda: None) -> Evaluation:
-    """Greedy generation for every model, adapter (the base first) and example; `step()` after each."""
-    from .runtime import ReferenceRuntime
+             prefix: str | None, suffix: str | None, step: Callable[[Result], object] = lambda result: None,
+             strict: bool = False, runtime: str = "reference", backend: str | None = None) -> Evaluation:
+    """Greedy generation for every model, adapter (the base first) and example on the chosen runtime;
+    `step(result)` after each. A generation that fails is a zero-scored result with its error (with
+    `strict`: refused); if every one fails, the first failure is refused."""
+    from .runtimes import open_runtime
 
     options = Options(max_tokens, top_k=1, temperature=0.0)
     evaluation = Evaluation(model_labels(models), [BASE] + [name for name, _ in adapters])
     for model, label in zip(models, evaluation.models):
         template = template_of(model, prefix, suffix)
-        with ReferenceRuntime(model, None, options) as runtime:
+        with open_runtime(runtime, backend, model, None, options) as running:
             for name, path in adapters:
-                runtime.add_adapter(name, path)
+                running.add_adapter(name, path)
             for adapter in evaluation.adapters:
                 for example in examples:
+                    prompt = template.chat([(turn.role, turn.content) for turn in example.turns])
                     try:
-                        output = runtime.generate(template.chat([(turn.role, turn.content) for turn in example.turns]), options, adapter).text
+                        output = running.generate(prompt, options, adapter).text
                     except ConversionError as exc:
-                        raise ConversionError(f"line {example.line} ({label}, {adapter}): {exc}") from None
-                    evaluation.results.append(Result(example.line, label, adapter, output,
-                                                     score(output, example.reference)))
-                    step()
+                        if strict:
+                            raise ConversionError(f"line {example.line} ({label}, {adapter}): {exc} (--strict)") from None
+                        result = Result(example.line, label, adapter, "", FAILED, str(exc))
+                    else:
+                        result = Result(example.line, label, adapter, output, score(output, example.reference))
+                    evaluation.results.append(result)
+                    step(result)
+    failures = evaluation.failures()
+    if failures and len(failures) == len(evaluation.results):
+        first = failures[0]
+        raise ConversionError(f"no example could be generated; line {first.line} ({first.model}, {first.adapter}): "
+                              f"{first.error}")
     return evaluation

@@ -10,12 +10,12 @@ import bisect
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Generator
 
 import sentencepiece as spm
 import torch
 
-from bundler.task import TOKENIZER_ENTRY, open_weights
+from bundler.task import TOKENIZER_ENTRY, TaskFile, open_weights
 from converter.errors import ConversionError
 from converter.files import regular_file
 from converter.hf_tokenizer import is_converted_hf_tokenizer
@@ -38,10 +38,20 @@ class LoadedModel:
     byte_level: bool = False  # a Hugging Face BPE vocabulary: spaces are "Ġ" pieces (see `runtime_text`)
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """A model file's tokenizer and start/stop tokens, without its weights (what the real runtimes' clients need)."""
+
+    tokenizer: spm.SentencePieceProcessor
+    start_id: int
+    stop_ids: set[int]
+    byte_level: bool = False
+
+
 BYTE_LEVEL_SPACE = "\u0120"  # "Ġ", GPT-2 byte-level BPE's space
 
 
-def runtime_text(loaded: LoadedModel, prompt: str) -> str:
+def runtime_text(loaded: LoadedModel | Vocabulary, prompt: str) -> str:
     """The prompt as the runtime tokenizes it: with a byte-level BPE vocabulary it writes each space
     as "Ġ" (observed in the web runtime with FALCON_RW_1B; other bytes' mapping is unobserved)."""
     return prompt.replace(" ", BYTE_LEVEL_SPACE) if loaded.byte_level else prompt
@@ -59,6 +69,17 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
     if options is not None:
         check_context(options, context_of(weights))
     lora = WeightFile(regular_file(lora_path, "--lora")) if lora_path else None
+    vocabulary = read_vocabulary(model_path, tokenizer_path, weights, task)
+    return LoadedModel(ReferenceModel(weights, lora), vocabulary.tokenizer, vocabulary.start_id, vocabulary.stop_ids,
+                       vocabulary.byte_level)
+
+
+def read_vocabulary(model_path: Path, tokenizer_path: Path | None = None, weights: WeightFile | None = None,
+                    task: TaskFile | None = None) -> Vocabulary:
+    """The tokenizer (given, else the .task's or the one embedded in the .bin) and start/stop tokens
+    of a model file (`weights`, `task`: its `open_weights`, when already opened)."""
+    if weights is None:
+        weights, task = open_weights(Path(model_path), "--model")
     given = load_tokenizer(Path(tokenizer_path), "--tokenizer")[0] if tokenizer_path else None
     if task is not None:
         blob = given or task.read(TOKENIZER_ENTRY)
@@ -79,8 +100,7 @@ def load(model_path: Path, lora_path: Path | None = None, tokenizer_path: Path |
                          f"--tokenizer {tokenizer_path}" if given else "the tokenizer", str(model_path))
     if not 0 <= start_id < rows:
         raise ConversionError(f"{model_path}: start token id {start_id} is not one of its {rows} embedding rows")
-    return LoadedModel(ReferenceModel(weights, lora), tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops},
-                       is_converted_hf_tokenizer(blob))
+    return Vocabulary(tokenizer, start_id, {tokenizer.piece_to_id(s) for s in stops}, is_converted_hf_tokenizer(blob))
 
 
 def check_context(options: Options, context: int) -> None:
@@ -88,6 +108,14 @@ def check_context(options: Options, context: int) -> None:
     if context and options.max_tokens > context:
         raise ConversionError(f"--max-tokens {options.max_tokens}: more than the model's context of {context} "
                               f"tokens (prompt + output); use at most --max-tokens {context}")
+
+
+def check_room(prompt_tokens: int, options: Options, context: int = 0) -> None:
+    """Refuse a prompt that leaves no room for output in the KV cache (--max-tokens)."""
+    if prompt_tokens >= options.max_tokens:
+        known = f" (the model's context: {context})" if context else ""
+        raise ConversionError(f"the prompt takes {prompt_tokens} tokens (start token included); --max-tokens "
+                              f"{options.max_tokens} leaves no room for output: raise it{known} or shorten the prompt")
 
 
 def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -> int:
@@ -98,19 +126,16 @@ def sample(logits: torch.Tensor, options: Options, generator: torch.Generator) -
     return int(indices[torch.multinomial(probabilities, 1, generator=generator)])
 
 
-def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
+def prompt_ids(loaded: LoadedModel | Vocabulary, prompt: str) -> list[int]:
     """The start token and the prompt's tokens, as the runtime feeds them."""
     return [loaded.start_id] + loaded.tokenizer.encode(runtime_text(loaded, prompt))
 
 
-def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator[int]:
-    """Token ids as they are generated, until a stop token or the KV cache is full."""
+def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Generator[int, None, int | None]:
+    """Token ids as they are generated, until a stop token (returned, not yielded) or the KV cache is full."""
     ids = prompt_ids(loaded, prompt)
     check_context(options, loaded.model.context)
-    if len(ids) >= options.max_tokens:
-        context = f" (the model's context: {loaded.model.context})" if loaded.model.context else ""
-        raise ConversionError(f"the prompt takes {len(ids)} tokens (start token included); --max-tokens "
-                              f"{options.max_tokens} leaves no room for output: raise it{context} or shorten the prompt")
+    check_room(len(ids), options, loaded.model.context)
     check_memory(loaded.model.dims, options, len(ids))
     generator = torch.Generator().manual_seed(options.random_seed)
     per_token = multiply_adds_per_token(loaded.model.dims)
@@ -120,10 +145,11 @@ def generate_ids(loaded: LoadedModel, prompt: str, options: Options) -> Iterator
         for _ in range(options.max_tokens - len(ids)):
             token = sample(logits[-1], options, generator)
             if token in loaded.stop_ids:
-                return
+                return token
             yield token
             with threads_for(per_token):
                 logits, cache = loaded.model.forward([token], cache)
+    return None
 
 
 def check_memory(dims: Dims, options: Options, prompt_tokens: int) -> None:
@@ -149,30 +175,46 @@ class Generation:
     ids: list[int]
     text: str
     seconds: float
+    stop_id: int | None = None  # the stop token that ended it (not in `ids`); None: the KV cache filled, or unknown
 
     @property
     def tokens_per_second(self) -> float:
         return len(self.ids) / self.seconds if self.seconds else 0.0
 
 
-def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None) -> Generation:
-    """Generate, calling `on_text(piece)` with each new piece of text as it is decoded."""
+OnToken = Callable[[int, str], object]
+
+
+def generate(loaded: LoadedModel, prompt: str, options: Options, on_text=None,
+             on_token: OnToken | None = None) -> Generation:
+    """Generate, calling `on_text(piece)` with each new piece of text as it is decoded and
+    `on_token(id, piece)` with each generated token and the text it completes ("" while a character's
+    bytes are incomplete; the U+FFFD of bytes still incomplete at the end goes to `on_text` only)."""
     ids: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for token in generate_ids(loaded, prompt, options):
+    tokens = generate_ids(loaded, prompt, options)
+    while True:
+        try:
+            token = next(tokens)
+        except StopIteration as end:
+            stop_id = end.value
+            break
         ids.append(token)
         # A character split over byte tokens decodes as U+FFFD until its last byte arrives: hold it back.
+        before = shown
         shown = _show(decode(loaded, ids).rstrip(UNFINISHED), shown, on_text)
+        if on_token:
+            on_token(token, shown[len(before):])
     text = decode(loaded, ids)
     _show(text, shown, on_text)
-    return Generation(ids, text, time.perf_counter() - start)
+    return Generation(ids, text, time.perf_counter() - start, stop_id)
 
 
 UNFINISHED = "\ufffd"  # what SentencePiece decodes an incomplete or invalid UTF-8 byte sequence to
 
 
-def decode(loaded: LoadedModel, ids: list[int]) -> str:
+def decode(loaded: LoadedModel | Vocabulary, ids: list[int]) -> str:
     """The text of generated ids; ids past the tokenizer's pieces (embedding rows no piece names,
     such as Gemma 3's image tokens) have none."""
     size = loaded.tokenizer.get_piece_size()

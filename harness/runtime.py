@@ -20,6 +20,7 @@ from .inputs import check_prompt
 from .reference import Adapter
 
 OnText = Callable[[str], object]
+OnToken = Callable[[int | None, str], object]  # a generated token's id (None: the runtime gives none) and its text
 Handle = TypeVar("Handle")  # what a runtime keeps per adapter (its weights, a runtime's own handle)
 Self = TypeVar("Self", bound="Runtime")
 
@@ -44,15 +45,17 @@ class Runtime(ABC, Generic[Handle]):
         self._adapters[name] = self._load_adapter(Path(path))
 
     def generate(self, prompt: str, options: Options, adapter: str | None = None,
-                 on_text: OnText | None = None) -> Generation:
+                 on_text: OnText | None = None, on_token: OnToken | None = None) -> Generation:
         """Generate from `prompt` with the named adapter (None or `base`: the base model alone),
-        calling `on_text(piece)` with each new piece of text as it is decoded."""
+        calling `on_text(piece)` with each new piece of text as it is decoded, or instead
+        `on_token(id, piece)` per generated token (id None where the runtime gives text only)."""
         check_prompt(prompt)
-        if adapter is None or adapter == BASE:
-            return self._generate(prompt, options, None, on_text)
-        if adapter not in self._adapters:
+        if adapter is not None and adapter != BASE and adapter not in self._adapters:
             raise ConversionError(unknown_adapter(adapter, self.adapters))
-        return self._generate(prompt, options, self._adapters[adapter], on_text)
+        handle = None if adapter is None or adapter == BASE else self._adapters[adapter]
+        if on_token is not None:
+            return self._generate_tokens(prompt, options, handle, on_token)
+        return self._generate(prompt, options, handle, on_text)
 
     @abstractmethod
     def prompt_tokens(self, prompt: str) -> int:
@@ -63,6 +66,11 @@ class Runtime(ABC, Generic[Handle]):
 
     @abstractmethod
     def _generate(self, prompt: str, options: Options, adapter: Handle | None, on_text: OnText | None) -> Generation: ...
+
+    def _generate_tokens(self, prompt: str, options: Options, adapter: Handle | None,
+                         on_token: OnToken) -> Generation:
+        """`_generate` with a callback per token; a runtime that streams text only gives each piece without an id."""
+        return self._generate(prompt, options, adapter, lambda piece: on_token(None, piece))
 
     def close(self) -> None:
         """Release what the runtime holds (a browser, an engine); safe to call twice."""
@@ -89,5 +97,10 @@ class ReferenceRuntime(Runtime[Adapter]):
         return self.loaded.model.read_adapter(WeightFile(regular_file(path, "--lora")))
 
     def _generate(self, prompt: str, options: Options, adapter: Adapter | None, on_text: OnText | None) -> Generation:
-        loaded = replace(self.loaded, model=self.loaded.model.with_adapter(adapter))
-        return generate(loaded, prompt, options, on_text)
+        return generate(self._with(adapter), prompt, options, on_text)
+
+    def _generate_tokens(self, prompt: str, options: Options, adapter: Adapter | None, on_token: OnToken) -> Generation:
+        return generate(self._with(adapter), prompt, options, on_token=on_token)
+
+    def _with(self, adapter: Adapter | None) -> LoadedModel:
+        return replace(self.loaded, model=self.loaded.model.with_adapter(adapter))

@@ -62,13 +62,15 @@ class Job:
     options: Options
     adapter: str | None
     stops: tuple[str, ...] = ()
-    emit: Callable[[str], object] | None = None  # called on the worker thread with each new piece
+    emit: Callable[[int | None, str], object] | None = None  # on the worker thread: each token's id and new text
     cancelled: threading.Event = field(default_factory=threading.Event)
     text: str = ""
     tokens: int | None = None  # generated tokens, unknown when a stop sequence ended it
     finish: str = "eos_token"  # TGI's finish reason: eos_token, length, stop_sequence
+    stop_id: int | None = None  # the stop token that ended it, when known
 
-    def on_text(self, piece: str) -> None:
+    def on_token(self, token: int | None, piece: str) -> None:
+        """A generated token (None: a runtime that gives text only) and the text it adds."""
         if self.cancelled.is_set():
             raise _Stopped
         seen = len(self.text)
@@ -77,8 +79,8 @@ class Job:
         hits = [end + len(stop) for end, stop in zip(ends, self.stops) if end >= 0]
         if hits:
             self.text = self.text[:min(hits)]
-        if self.emit and len(self.text) > seen:
-            self.emit(self.text[seen:])
+        if self.emit:
+            self.emit(token, self.text[seen:])
         if hits:
             self.finish = "stop_sequence"
             raise _Stopped
@@ -115,12 +117,12 @@ class Server:
 
     def _work(self, job: Job) -> Job:
         try:
-            generation = self.runtime.generate(job.prompt, job.options, job.adapter, job.on_text)
+            generation = self.runtime.generate(job.prompt, job.options, job.adapter, on_token=job.on_token)
         except _Stopped:
             return job
         except ConversionError as exc:
             raise Problem(422, str(exc), "generation") from None
-        job.text, job.tokens = generation.text, len(generation.ids)
+        job.text, job.tokens, job.stop_id = generation.text, len(generation.ids), generation.stop_id
         if self.runtime.prompt_tokens(job.prompt) + job.tokens >= job.options.max_tokens:
             job.finish = "length"
         return job
@@ -135,12 +137,12 @@ class Server:
         finally:
             self.waiting -= 1
 
-    async def stream(self, job: Job) -> AsyncIterator[str | Job | Problem]:
-        """The job's text pieces as the worker makes them, then the finished job (or its Problem);
-        a client that goes away cancels it."""
+    async def stream(self, job: Job) -> AsyncIterator[tuple[int | None, str] | Job | Problem]:
+        """The job's tokens (id, text) as the worker makes them, then the finished job (or its
+        Problem); a client that goes away cancels it."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        job.emit = lambda token, piece: loop.call_soon_threadsafe(pieces.put_nowait, (token, piece))
 
         async def finish() -> None:
             try:
@@ -156,7 +158,7 @@ class Server:
             while True:
                 item = await pieces.get()
                 yield item
-                if not isinstance(item, str):
+                if not isinstance(item, tuple):
                     return
         finally:
             job.cancelled.set()  # a client gone: the worker stops at its next piece
@@ -210,19 +212,36 @@ class Server:
         return JSONResponse({"generated_text": job.text})
 
     async def generate_stream(self, request: Request) -> Response:
+        """TGI's server-sent events: one per generated token (its id, its text, "" while a
+        character's bytes are incomplete); the last token's event also carries the whole text and
+        the details, and when a stop token ended the generation, that is the last token (special)."""
         job = self.tgi_job(await self.body(request))
 
         async def events() -> AsyncIterator[str]:
+            held: dict | None = None  # each token's event waits for the next, to know whether it is the last
+            count = 0
             async for item in self.stream(job):
                 if isinstance(item, Problem):
+                    if held is not None:
+                        yield _event(held)
                     yield _event({"error": item.message, "error_type": item.kind})
-                elif isinstance(item, str):
-                    yield _event({"token": {"id": None, "text": item, "logprob": None, "special": False},
-                                  "generated_text": None, "details": None})
-                else:
-                    yield _event({"token": {"id": None, "text": "", "logprob": None, "special": True},
-                                  "generated_text": item.text,
-                                  "details": {"finish_reason": item.finish, "generated_tokens": item.tokens}})
+                    return
+                if isinstance(item, tuple):
+                    if held is not None:
+                        yield _event(held)
+                    count += 1
+                    held = _token_event(count, *item)
+                    continue
+                if item.finish == "eos_token" or held is None:
+                    if held is not None:
+                        yield _event(held)
+                    count += 1
+                    held = _token_event(count, item.stop_id, "", special=True)
+                sampled = item.options.temperature > 0 and item.options.top_k != 1
+                yield _event({**held, "generated_text": item.text, "details": {
+                    "finish_reason": item.finish, "generated_tokens": count,
+                    "seed": item.options.random_seed if sampled else None,
+                    "input_length": self.runtime.prompt_tokens(item.prompt)}})
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -258,7 +277,9 @@ class Server:
                     if isinstance(item, Problem):
                         yield _event({"error": {"message": item.message, "type": item.kind, "code": item.status}})
                         return
-                    delta, reason = ({"content": item}, None) if isinstance(item, str) else ({}, finish[item.finish])
+                    if isinstance(item, tuple) and not item[1]:
+                        continue
+                    delta, reason = ({"content": item[1]}, None) if isinstance(item, tuple) else ({}, finish[item.finish])
                     yield _event({"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
                                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
                 yield "data: [DONE]\n\n"
@@ -351,6 +372,12 @@ def _messages(value: object) -> list[tuple[str, str]]:
                                f"got {_shown(message)}")
         turns.append((role, content))
     return turns
+
+
+def _token_event(index: int, token: int | None, text: str, special: bool = False) -> dict:
+    """TGI's stream event for one token (logprob: not computed here)."""
+    return {"index": index, "token": {"id": token, "text": text, "logprob": None, "special": special},
+            "generated_text": None, "details": None, "top_tokens": None}
 
 
 def _event(data: dict) -> str:

@@ -254,6 +254,11 @@ class WebRuntime:
         finally:
             watchdog.cancel()
 
+    def kill(self) -> None:
+        """Stop the browser process at once, from any thread: a step waiting on it fails at once
+        (close() still has to run on the thread that drives the browser)."""
+        self._kill_for_timeout()
+
     def _kill_for_timeout(self) -> None:
         self._killed_by_timeout = True
         if self._process is not None and self._process.poll() is None:

@@ -19,6 +19,7 @@ blow-ups and crashes stay contained, at in-process speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -39,8 +40,9 @@ from typing import ClassVar
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 TOOLS = {"convert": ("converter.cli", "main"), "bundle": ("bundler.cli", "main"),
-         "inspect": ("bundler.cli", "main"), "package": ("bundler.cli", "main"), "run": ("harness.cli", "main")}
-SUBCOMMANDS = {"inspect": ["inspect"], "package": ["package"]}
+         "inspect": ("bundler.cli", "main"), "package": ("bundler.cli", "main"), "run": ("harness.cli", "main"),
+         "eval": ("harness.cli", "main")}
+SUBCOMMANDS = {"inspect": ["inspect"], "package": ["package"], "eval": ["eval"]}
 TIMEOUT = 60.0
 HANG_TIMEOUT = 20.0  # FIFOs, /dev/zero, absurd sizes: a refusal takes a second or two
 MEMORY_LIMIT = 12 << 30  # address space of one run: an allocation bomb gets MemoryError, not the machine
@@ -141,6 +143,14 @@ def write_raw(where: str, name: str, data: bytes) -> Callable[[Ctx], None]:
 def replace_file(where: str, data: bytes) -> Callable[[Ctx], None]:
     """Overwrite a file input (`model`, `adapter`, `task`, ...) with these bytes."""
     return lambda c: getattr(c, where).write_bytes(data)
+
+
+def sparse(where: str, name: str, size: int) -> Callable[[Ctx], None]:
+    """A file of `size` zero bytes that takes no disk space."""
+    def make(c: Ctx) -> None:
+        with open(getattr(c, where) / name, "wb") as handle:
+            handle.truncate(size)
+    return make
 
 
 def truncate_file(where: str, name: str | None = None, keep: float = 0.02) -> Callable[[Ctx], None]:
@@ -1406,6 +1416,99 @@ def lora_run_cases() -> Iterator[tuple]:
     yield refuse("compare-without-hf-model", [*RUN, "--compare"], names=("--hf-model",))
 
 
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "one two three"},
+                                    {"role": "assistant", "content": "four five"}]})
+EVAL = ["{input}/data.jsonl", "--model", "{model}", "--lora", "{adapter}", "--max-tokens", "16"]
+
+
+def copy_shared(name: str, to: str) -> Callable[[Ctx], None]:
+    """A shared artifact copied into the case's input folder under another name."""
+    def copy(c: Ctx) -> None:
+        shutil.copy(c.shared / name, c.input / to)
+    return copy
+
+
+def eval_data(*lines: bytes | str, good: bool = True) -> Callable[[Ctx], None]:
+    """`{input}/data.jsonl`: these lines, after one good chat example unless `good` is False."""
+    raw = [line.encode() if isinstance(line, str) else line for line in lines]
+    return write_raw("input", "data.jsonl", b"\n".join(([GOOD_LINE.encode()] if good else []) + raw) + b"\n")
+
+
+def chat(*messages: object, **extra: object) -> str:
+    return json.dumps({"messages": list(messages), **extra})
+
+
+def turn(role: object, content: object) -> dict:
+    return {"role": role, "content": content}
+
+
+def eval_cases() -> Iterator[tuple]:
+    """`lora-run eval`: hostile JSONL lines are skipped with a warning naming the line (line 2: the
+    first is a good example) and refused with --strict; hostile files are refused."""
+    user, assistant = turn("user", "one two"), turn("assistant", "three")
+    bad_lines: dict[str, str | bytes] = {
+        "wrong-type-messages": chat().replace("[]", '"hi"'),
+        "wrong-type-role": chat(turn(3, "x"), assistant),
+        "wrong-type-content": chat(turn("user", {"text": 1}), assistant),
+        "wrong-type-content-parts": chat(turn("user", [{"type": "text", "text": 5}]), assistant),
+        "wrong-type-alpaca-output": json.dumps({"instruction": "one", "output": ["two"]}),
+        "wrong-type-top-level-list": "[1, 2]",
+        "wrong-type-top-level-string": '"one two"',
+        "null-messages": json.dumps({"messages": None}),
+        "message-not-object": chat("user", assistant),
+        "deep-nesting": '{"messages": ' + nested(100_000) + "}",
+        "deep-nesting-content": chat(turn("user", json.loads(nested(500))), assistant),
+        "huge-line": chat(turn("user", "one " * 300_000), assistant),
+        "binary": bytes(range(256)) * 8,
+        "nul-bytes": b"\x00" * 100,
+        "latin1": '{"instruction": "caf\xe9", "output": "x"}'.encode("latin-1"),
+        "lone-surrogate": chat(turn("user", "\ud800"), assistant),
+        "nan-constant": '{"instruction": NaN, "output": "x"}',
+        "truncated-json": GOOD_LINE[:40],
+        "roles-out-of-order": chat(assistant, user),
+        "no-user-turn": chat(turn("system", "be brief"), assistant),
+        "unknown-role": chat(turn("tool", "x"), assistant),
+        "empty-messages": chat(),
+        "neither-format": json.dumps({"prompt": "one", "completion": "two"}),
+    }
+    for name, line in bad_lines.items():
+        yield accept(f"line-{name}", EVAL, eval_data(line), warns=True)
+    for name in ("wrong-type-content", "deep-nesting", "huge-line", "binary", "roles-out-of-order"):
+        yield refuse(f"strict-line-{name}", [*EVAL, "--strict"], eval_data(bad_lines[name]), names=("line 2", "--strict"))
+    yield refuse("all-lines-bad", EVAL, eval_data(*list(bad_lines.values())[:5], good=False), names=("no examples",))
+    # unusual but valid: scored, not refused
+    yield accept("duplicated-keys", EVAL, eval_data('{"messages": "x", "messages": ' + chat(user, assistant)[13:]))
+    yield accept("empty-content", EVAL, eval_data(chat(turn("user", ""), turn("assistant", ""))))
+    yield accept("roles-system-user-assistant-user-assistant", EVAL,
+                 eval_data(chat(turn("system", "s"), user, assistant, user, assistant)))
+    yield accept("unicode-and-bom", EVAL, eval_data("\ufeff" + chat(turn("user", "日本語 ✓ \u202e"), assistant)))
+    yield accept("crlf-and-blank-lines", EVAL, eval_data("", "  ", chat(user, assistant) + "\r"))
+    yield accept("extra-fields", EVAL, eval_data(chat(user, assistant, tools=[{"x": 1}], weight=0.5)))
+    yield accept("prompt-longer-than-max-tokens", EVAL, eval_data(chat(turn("user", "one " * 40), assistant)),
+                 warns=True)
+    yield refuse("strict-prompt-longer-than-max-tokens", [*EVAL, "--strict"],
+                 eval_data(chat(turn("user", "one " * 40), assistant)), names=("line 2", "--max-tokens 16"))
+    yield accept("report", [*EVAL, "--report", "{out}/r.html", "--json"], eval_data(), outputs=("{out}/r.html",))
+    # hostile files
+    yield refuse("data-missing", [*EVAL[1:], "{out}/none.jsonl"], names=("none.jsonl",))
+    yield refuse("data-empty", EVAL, write_raw("input", "data.jsonl", b""), names=("no examples",))
+    yield refuse("data-only-blank-lines", EVAL, write_raw("input", "data.jsonl", b"\n \n\t\n"), names=("no examples",))
+    yield refuse("data-directory", ["{input}", *EVAL[1:]], names=("DATA",))
+    yield refuse("data-fifo", EVAL, both(eval_data(), make_fifo("input", "data.jsonl")), **hang())
+    yield refuse("data-dev-zero", EVAL, both(eval_data(), device_link("input", "data.jsonl", "/dev/zero")), **hang())
+    yield refuse("data-dev-urandom", EVAL, both(eval_data(), device_link("input", "data.jsonl", "/dev/urandom")), **hang())
+    yield refuse("data-huge-file", EVAL, sparse("input", "data.jsonl", (64 << 20) + 1), names=("64 MiB",))
+    yield refuse("data-not-utf8", EVAL, write_raw("input", "data.jsonl", "é\n".encode("utf-16") * 10),
+                 names=("no examples",))
+    yield refuse("model-missing", [*EVAL, "--model", "{out}/none.bin"], eval_data(), names=("none.bin",))
+    yield refuse("lora-for-another-base", [*EVAL[:4], "{input}/other.bin", *EVAL[5:]],
+                 both(eval_data(), copy_shared("big-lora.bin", "other.bin")), names=("other.bin",))
+    yield refuse("lora-as-model", [*EVAL[:2], "{adapter}", *EVAL[3:]], eval_data())
+    yield refuse("report-is-data", [*EVAL, "--report", "{input}/data.jsonl"], eval_data(), names=("--report",))
+    yield refuse("report-is-directory", [*EVAL, "--report", "{out}"], eval_data(), names=("--report",))
+    yield refuse("max-tokens-0", [*EVAL, "--max-tokens", "0"], eval_data(), names=("--max-tokens",))
+
+
 TABLES = {
     ("convert", "ckpt", "ckpt"): convert_checkpoint_cases,
     ("convert", "header", "ckpt"): convert_header_cases,
@@ -1419,6 +1522,7 @@ TABLES = {
     ("inspect", "inspect", "bundle"): inspect_cases,
     ("package", "package", "bundle"): package_cases,
     ("run", "run", "run"): lora_run_cases,
+    ("eval", "eval", "run"): eval_cases,
 }
 
 
@@ -1437,6 +1541,150 @@ def cases() -> list[Case]:
     ids = [c.id for c in found]
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
     return found
+
+
+# --------------------------------------------------------------------------------------------
+# lora-run serve: hostile HTTP requests against one running server
+
+
+@dataclass(frozen=True)
+class Request:
+    """One hostile request; `expect`: "4xx" (a client error with a JSON message) or "any" (200 or
+    that; unusual but valid). Never a 5xx, a hang or a dead server."""
+
+    name: str
+    path: str
+    body: bytes | None = None
+    method: str = "POST"
+    expect: str = "4xx"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def serve_requests() -> list[Request]:
+    def body(value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    def tgi(**parameters: object) -> bytes:
+        return body({"inputs": "one two three", "parameters": parameters})
+
+    found = []
+    for path in ("/generate", "/generate_stream", "/v1/chat/completions"):
+        short = path.strip("/").replace("/", "-")
+        for name, data in (("empty", b""), ("null", b"null"), ("number", b"1"), ("string", b'"one"'),
+                           ("list", b"[]"), ("binary", bytes(range(256))), ("not-utf8", b'{"inputs": "\xff\xfe"}'),
+                           ("truncated", b'{"inputs": "one'), ("nan", b'{"inputs": NaN}'),
+                           ("deep", b'{"inputs": ' + nested(100_000).encode() + b"}"),
+                           ("too-large", b" " * (2 << 20)), ("bom-and-nul", b"\xef\xbb\xbf{\x00}")):
+            found.append(Request(f"{short}-{name}", path, data))
+    for name, value in (("inputs-number", 1), ("inputs-list", ["one"]), ("inputs-object", {}), ("inputs-empty", ""),
+                        ("inputs-surrogate", "\ud800"), ("inputs-huge", "one " * 200_000)):
+        found.append(Request(name, "/generate", body({"inputs": value})))
+    for key, values in (("parameters", ["x", 1, [], True]),):
+        found += [Request(f"{key}-{json.dumps(v)}", "/generate", body({"inputs": "one", key: v})) for v in values]
+    for key, values in (
+            ("adapter_id", [1, [], {}, True, "", "../../etc/passwd", "base\u0000", "x" * 100_000]),
+            ("max_new_tokens", ["1", 1.5, -1, 0, 2**63, True, 1e400, 10**6]),
+            ("temperature", ["hot", -0.1, 1e400, [1], {}]),
+            ("top_k", [0, -1, 1.5, "1", 2**63]),
+            ("seed", [2**64, -(2**64), 1.5, "1"]),
+            ("stop", [5, [""], ["a"] * 5, ["x" * 1000], [None], {}])):
+        found += [Request(f"{key}-{json.dumps(v)[:20]}", "/generate", tgi(**{key: v})) for v in values]
+    found.append(Request("temperature-nan-literal", "/generate", b'{"inputs": "one", "parameters": {"temperature": NaN}}'))
+    found.append(Request("temperature-infinity-literal", "/generate",
+                         b'{"inputs": "one", "parameters": {"temperature": Infinity}}'))
+    found.append(Request("parameters-deep", "/generate", body({"inputs": "one", "parameters": {"stop": json.loads(nested(500))}})))
+
+    def messages(value: object, **extra: object) -> bytes:
+        return body({"model": "base", "messages": value, **extra})
+
+    user = {"role": "user", "content": "one two"}
+    shapes: tuple[tuple[str, object], ...] = (("null", None), ("string", "hi"), ("empty", []), ("item-null", [None]),
+                        ("no-content", [{"role": "user"}]), ("content-number", [{"role": "user", "content": 5}]),
+                        ("role-number", [{"role": 1, "content": "x"}]), ("role-tool", [{"role": "tool", "content": "x"}]),
+                        ("deep-content", [{"role": "user", "content": json.loads(nested(500))}]))
+    found += [Request(f"chat-messages-{name}", "/v1/chat/completions", messages(shape)) for name, shape in shapes]
+    models: tuple[tuple[str, object], ...] = (("model-number", 1), ("model-null", None), ("model-unknown", "nope"),
+                                              ("model-huge", "x" * 100_000))
+    found += [Request(f"chat-{name}", "/v1/chat/completions", body({"model": model, "messages": [user]}))
+              for name, model in models]
+    found += [Request("chat-max-tokens-string", "/v1/chat/completions", messages([user], max_tokens="8")),
+              Request("chat-max-tokens-huge", "/v1/chat/completions", messages([user], max_tokens=10**9))]
+    # unusual but valid: answered (200) or refused, never a 5xx
+    found += [
+        Request("duplicated-keys", "/generate", b'{"inputs": 1, "inputs": "one two"}', expect="any"),
+        Request("utf16-body", "/generate", '{"inputs": "one two"}'.encode("utf-16"), expect="any"),
+        Request("text-plain", "/generate", body({"inputs": "one"}), expect="any", headers=(("content-type", "text/plain"),)),
+        Request("inputs-control-characters", "/generate", body({"inputs": "one\u0000\u202e\ttwo"}), expect="any"),
+        Request("unknown-parameters", "/generate", tgi(best_of=9, watermark=True, details=True), expect="any"),
+        Request("chat-roles-out-of-order", "/v1/chat/completions",
+                messages([{"role": "assistant", "content": "x"}, user]), expect="any"),
+        Request("chat-empty-content", "/v1/chat/completions", messages([{"role": "user", "content": ""}]), expect="any"),
+        Request("chat-stream-not-boolean", "/v1/chat/completions", messages([user], stream="yes"), expect="any"),
+    ]
+    found += [Request("get-generate", "/generate", method="GET"), Request("put-chat", "/v1/chat/completions", b"{}", "PUT"),
+              Request("delete-health", "/health", method="DELETE"), Request("post-info", "/info", b"{}"),
+              Request("unknown-path", "/generate/x", b"{}"), Request("nul-path", "/%00", b"{}")]
+    return found
+
+
+def request_problem(client, url: str, request: Request) -> str | None:
+    """What is wrong with the server's answer to one request, or None."""
+    import httpx
+
+    try:
+        answer = client.request(request.method, url + request.path, content=request.body,
+                                headers=dict(request.headers))
+    except httpx.HTTPError as exc:
+        return f"no answer: {type(exc).__name__}: {exc}"
+    status = answer.status_code
+    if status >= 500 or (request.expect == "4xx" and not 400 <= status < 500) or status not in range(200, 500):
+        return f"status {status}: {answer.text[:200]!r}"
+    if status >= 400:
+        try:
+            error = answer.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            return f"status {status} without a JSON error: {answer.text[:200]!r}"
+        message = error["message"] if isinstance(error, dict) else error
+        if not isinstance(message, str) or not message or "\n" in message or "Traceback" in message:
+            return f"status {status}: not a one-line message: {message!r}"[:300]
+    return None
+
+
+def serve_problems(url: str, requests: list[Request]) -> dict[str, str]:
+    """Every request in turn; then the server must still answer /health and a good request."""
+    import httpx
+
+    problems = {}
+    with httpx.Client(timeout=60) as client:
+        for request in requests:
+            problem = request_problem(client, url, request)
+            if problem:
+                problems[request.name] = problem
+        after = [client.get(url + "/health"), client.post(url + "/generate", json={"inputs": "one two three"})]
+    if [a.status_code for a in after] != [200, 200] or not isinstance(after[1].json().get("generated_text"), str):
+        problems["after"] = f"the server stopped answering: {[(a.status_code, a.text[:100]) for a in after]}"
+    return problems
+
+
+@contextlib.contextmanager
+def serving(shared: Path) -> Iterator[str]:
+    """`lora-run serve` on the shared tiny model and adapter, on a free port; its URL."""
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "serve", "--model", str(shared / "model.bin"),
+                                "--lora", f"tiny={shared / 'adapter.bin'}", "--max-tokens", "16", "--port", "0"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        url = process.stdout.readline().strip() if process.stdout else ""
+        if not url.startswith("http://"):
+            raise RuntimeError(f"lora-run serve did not start: {process.communicate(timeout=60)[1][-2000:]}")
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1557,7 +1805,8 @@ def context():
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["converter.cli", "bundler.cli", "harness.cli", "torch"])
+        _context.set_forkserver_preload(["converter.cli", "bundler.cli", "harness.cli", "torch", "harness.eval_cli",
+                                         "harness.evaluate", "harness.eval_report", "rouge_score.rouge_scorer", "tqdm"])
     return _context
 
 
@@ -1796,7 +2045,16 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="work folder [default: a new temporary folder]")
     parser.add_argument("--keep", action="store_true", help="keep each case's folder")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="cases run at once")
+    parser.add_argument("--serve", action="store_true", help="post hostile HTTP requests to a lora-run serve instead")
     args = parser.parse_args()
+    if args.serve:
+        requests = serve_requests()
+        with serving(build_shared(args.work or Path(tempfile.mkdtemp(prefix="adversarial-")))) as url:
+            problems = serve_problems(url, requests)
+        for name, problem in problems.items():
+            print(f"FAIL {name}: {problem}")
+        print(f"total: {len(requests)} requests, {len(problems)} problems")
+        return 1 if problems else 0
     selected = [c for c in cases() if any(part in c.id for part in args.filter.split(","))]
     if args.list or not args.run:
         for case in selected:

@@ -1,14 +1,17 @@
 """Benchmark: our converter vs MediaPipe 0.10.21 on the same real-shape checkpoint, same run.
 
-    python scripts/bench_convert.py                       # GEMMA_2B bf16 + rank-8 LoRA, int8
-    python scripts/bench_convert.py --repeat 3 --quantization int4 --lora-rank 0
-    python scripts/bench_convert.py --preset GEMMA_7B --repeat 1 --workdir /work/big/bench-7b  # 17 GB checkpoint
+    python scripts/bench_convert.py                       # GEMMA_2B bf16 + rank-8 LoRA, int8, 3 runs each
+    python scripts/bench_convert.py --quantization int4 --lora-rank 0
+    python scripts/bench_convert.py --preset GEMMA_7B --workdir /work/big/bench-7b --versus GEMMA_2B  # 17 GB
     python scripts/bench_convert.py --backend cpu         # GEMMA_2B int8 CPU graph vs litert-torch's export
 
 Both read the checkpoint from a warm page cache; outputs are deleted and `sync`ed before each
-run so neither pays for the other's write-back. Prints wall time and peak RSS of each and the
-ratios (MediaPipe / ours). MediaPipe is not run where it cannot finish on this machine (GEMMA_7B);
-the script says so and why. Model types without LoRA support are benchmarked without an adapter.
+run so neither pays for the other's write-back. Prints wall time (median) and peak RSS of each,
+the ratios (MediaPipe / ours), and the machine's floor measured in the same run: reading the
+checkpoint from page cache, quantizing every matrix in one thread (compiled kernel, no writes),
+and writing (and syncing) as many bytes as our output. MediaPipe is not run where it cannot
+finish on this machine (GEMMA_7B); the script says so and why. Model types without LoRA support
+are benchmarked without an adapter.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import ROOT, Measured, ensure_checkpoint, gib, oracle_python, run_measured  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from converter import quantize  # noqa: E402
+from converter.checkpoint import SafetensorsSource  # noqa: E402
+from converter.convert import rows_per_chunk  # noqa: E402
 from converter.models import find_model_type  # noqa: E402
 
 # Model types MediaPipe 0.10.21 cannot convert on this 24 GB, 2-core machine, with the measured reason.
@@ -40,11 +46,54 @@ CPU_RSS_TARGET, CPU_TIME_TARGET = 4 * 2**30, 120.0  # the CPU path's budget (gra
 RSS_LIMIT = 18 * 2**30  # a CPU conversion is stopped here, before it starves the machine
 
 
-def warm(folder: Path) -> None:
+def warm(folder: Path) -> float:
+    """Read the checkpoint (into page cache); the seconds it took."""
+    start = time.perf_counter()
+    buffer = bytearray(1 << 24)
     for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            while handle.read(1 << 24):
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
                 pass
+    return time.perf_counter() - start
+
+
+def quantize_floor(folder: Path, bits: int) -> float:
+    """Seconds to quantize every matrix of the checkpoint, read from page cache, in one thread."""
+    source = SafetensorsSource(sorted(folder.glob("*.safetensors")))
+    start = time.perf_counter()
+    for name in source.names():
+        shape = source.info(name).shape
+        if len(shape) != 2 or shape[0] % 4 or shape[1] % 4:
+            continue
+        rows, cols = shape
+        step = rows_per_chunk(cols)
+        tiled = quantize.torch.empty(cols // 4, step * bits // 2, dtype=quantize.torch.uint8)
+        scales, sums = quantize.torch.empty(step), quantize.torch.empty(step, dtype=quantize.torch.int32)
+        for begin in range(0, rows, step):
+            stop = min(begin + step, rows)
+            with source.rows(name, begin, stop) as chunk:
+                count = stop - begin
+                quantize.quantize_rows(chunk, bits, tiled[:, :count * bits // 2], scales[:count], sums[:count])
+    source.close()
+    return time.perf_counter() - start
+
+
+def write_floor(folder: Path, nbytes: int) -> float:
+    """Seconds to write and fsync `nbytes` in 16 MiB pwrites, as the converter writes its output."""
+    path = folder / "write-floor.tmp"
+    block = bytes(16 << 20)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, nbytes, len(block)):
+            os.pwrite(fd, block[: nbytes - offset], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    subprocess.run(["sync"], check=False)
+    return seconds
 
 
 def fresh(folder: Path) -> None:
@@ -52,7 +101,8 @@ def fresh(folder: Path) -> None:
     subprocess.run(["sync"], check=False)
 
 
-def measure(command: list[str], out: Path, repeat: int) -> list[Measured]:
+def measure(command: list[str], out: Path, repeat: int) -> tuple[list[Measured], int]:
+    """The runs, and the bytes of the output files."""
     runs = []
     for _ in range(repeat):
         fresh(out)
@@ -60,8 +110,9 @@ def measure(command: list[str], out: Path, repeat: int) -> list[Measured]:
         if run.returncode:
             raise SystemExit(f"failed ({run.returncode}): {' '.join(command)}")
         runs.append(run)
+    size = sum(f.stat().st_size for f in out.rglob("*.bin"))
     fresh(out)
-    return runs
+    return runs, size
 
 
 def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
@@ -142,10 +193,11 @@ def cpu_case(workdir: Path, preset: str, lora_rank: int, anchor: bool) -> None:
 @click.option("--quantization", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="0: base only.")
 @click.option("--repeat", default=3, show_default=True, help="Runs of ours (median reported).")
-@click.option("--mediapipe-repeat", default=1, show_default=True, help="Runs of MediaPipe (0 to skip).")
+@click.option("--mediapipe-repeat", default=3, show_default=True, help="Runs of MediaPipe (median; 0 to skip).")
+@click.option("--versus", help="Also convert this preset (ours only, same options) and print the time ratio.")
 @click.option("--no-anchor", is_flag=True, help="CPU: skip litert-torch's own conversion (about 9 min, 18 GiB).")
 def main(backend: str, workdir: Path, preset: str, quantization: str, lora_rank: int, repeat: int,
-         mediapipe_repeat: int, no_anchor: bool) -> None:
+         mediapipe_repeat: int, versus: str | None, no_anchor: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if backend == "cpu":
         cpu_case(workdir, preset, lora_rank, not no_anchor)
@@ -171,15 +223,30 @@ def main(backend: str, workdir: Path, preset: str, quantization: str, lora_rank:
                  "--lora-output-tflite-file", str(ours_out / "lora.bin")]
         theirs += ["--lora-ckpt", str(adapter), "--lora-rank", str(lora_rank),
                    "--lora-output-tflite-file", str(theirs_out / "lora.bin")]
+    click.echo(f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     warm(checkpoint)
-    our_time, our_peak = summary("ours", measure(ours, ours_out, repeat))
+    our_runs, written = measure(ours, ours_out, repeat)
+    our_time, our_peak = summary("ours", our_runs)
     click.echo(f"ours peak RSS under {gib(RSS_TARGET)}: {'yes' if our_peak < RSS_TARGET else 'NO'}")
+    floors = {"read (page cache)": warm(checkpoint),
+              "read+quantize, 1 thread": quantize_floor(checkpoint, int(quantization.removeprefix("int"))),
+              f"write+fsync {written / 1e9:.2f} GB": write_floor(workdir, written)}
+    for label, seconds in floors.items():
+        click.echo(f"  floor: {label:24} {seconds:6.1f} s")
+    if versus:
+        other, _, other_tokenizer = ensure_checkpoint(versus, workdir / versus.lower())
+        command = [*ours[:ours.index("--model-type") + 1], versus, "--input-ckpt", str(other), "--vocab-model-file",
+                   str(other_tokenizer), *ours[ours.index("--quantization"):ours.index("--quiet") + 1]]
+        warm(other)
+        other_time, _ = summary(f"ours {versus}", measure(command, ours_out, repeat)[0])
+        click.echo(f"ratio {preset} / {versus} (ours): wall {our_time / other_time:.2f}x")
     if mediapipe_repeat and preset in MEDIAPIPE_CANNOT_RUN:
         click.echo(f"MediaPipe 0.10.21: not run for {preset}: {MEDIAPIPE_CANNOT_RUN[preset]}")
     elif mediapipe_repeat:
         warm(checkpoint)
-        mp_time, mp_peak = summary("MediaPipe 0.10.21", measure(theirs, theirs_out, mediapipe_repeat))
+        mp_time, mp_peak = summary("MediaPipe 0.10.21", measure(theirs, theirs_out, mediapipe_repeat)[0])
         click.echo(f"ratios (MediaPipe / ours): wall {mp_time / our_time:.1f}x, peak RSS {mp_peak / our_peak:.1f}x")
+    click.echo(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

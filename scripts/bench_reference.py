@@ -9,13 +9,18 @@ peak RSS is its own): `integer`, the runtime as shipped (int8 kept as integers, 
 and `dequantized`, the approach it replaced (every matrix dequantized to float32 at load,
 `x @ W.T`). Per strategy, generating greedily as `lora-run` does (harness.generate): load seconds, prompt
 tokens/s (the prompt's forward pass and first token), generation tokens/s (median time between
-tokens) and peak RSS; then the ratios.
+tokens) and peak RSS; then the ratios, and ours against llama.cpp's recorded figures (`ANCHORS`:
+llama.cpp is not built here). With a LoRA file (converted with the model when the script makes it),
+the integer run also adds it 4 times under 4 names (`lora-run --lora a=... --lora b=...`) and reports
+the memory each extra adapter takes and what switching adapters between requests costs: the same
+short request with each adapter in turn, against the base model's.
 Random-weight models generate garbage text; only speed is measured. Timings on a shared
 machine are noisy: medians of per-token times, single runs of load and prompt.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,28 +37,36 @@ sys.path.insert(0, str(ROOT))
 
 WORKDIR = Path(tempfile.gettempdir()) / "lora-convert-bench"  # shared with bench_convert.py's checkpoint
 STRATEGIES = ("integer", "dequantized")
+ADAPTERS = 4
+REQUEST, REQUEST_TOKENS = "The quick brown fox", 6  # the adapters' requests: prompt, tokens generated at most
+# llama.cpp Q8_0 on the GEMMA_2B shape, 2 threads (`llama-bench` pp512/tg128, load from page cache):
+# recorded on the same kind of machine, not measured by this script.
+ANCHORS = {"load_s": 0.4, "prompt_tok_s": 47.5, "generate_tok_s": 6.3, "peak_rss": 2.7e9}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM), file-backed mapped pages included."""
+def rss_bytes(field: str = "VmHWM") -> int:
+    """This process's peak (VmHWM) or current (VmRSS) resident set, file-backed mapped pages included."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
-def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int) -> dict:
-    """Load `model_path` with one strategy and generate greedily as `lora-run` does; seconds, peak RSS."""
+def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int, lora: Path | None) -> dict:
+    """Load `model_path` with one strategy and generate greedily as `lora-run` does; seconds, peak RSS;
+    then, given a `lora`, the adapters' memory and switching cost (`adapters`)."""
     import torch
 
     from harness import reference
-    from harness.generate import Options, generate_ids, load, prompt_ids
+    from harness.generate import Options, generate_ids, prompt_ids
     from harness.linear import FloatLinear
+    from harness.runtime import ReferenceRuntime
 
     if strategy == "dequantized":
         reference.load_linear = lambda weights, name, rows, cols, lookup=False: FloatLinear(weights.matrix(name, rows, cols))
     start = time.perf_counter()
-    loaded = load(model_path)
+    runtime = ReferenceRuntime(model_path)
+    loaded = runtime.loaded
     load_seconds = time.perf_counter() - start
     random_ids = torch.randint(3, loaded.tokenizer.get_piece_size(), (prompt_tokens,),
                                generator=torch.Generator().manual_seed(0)).tolist()
@@ -63,14 +76,44 @@ def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens
     for _ in generate_ids(loaded, prompt, Options(max_tokens=count + generate_tokens, top_k=1, temperature=0)):
         times.append(time.perf_counter())
     steps = [b - a for a, b in zip(times[1:], times[2:])]
-    return {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
-            "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
-            "step_ms": 1000 * statistics.median(steps), "peak_rss": peak_rss_bytes()}
+    result: dict = {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
+                    "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
+                    "step_ms": 1000 * statistics.median(steps), "peak_rss": rss_bytes()}
+    if lora is not None and strategy == "integer":
+        result["adapters"] = measure_adapters(runtime, lora, REQUEST)
+    return result
 
 
-def in_child(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int) -> dict:
+def measure_adapters(runtime, lora: Path, prompt: str) -> dict:
+    """Add `lora` ADAPTERS times under new names (seconds and resident memory each), then run one short
+    request per adapter, cycling base, a0, a1, ... twice: each request switches adapter; its time is
+    compared with the base model's requests (median of each)."""
+    added, grown = [], []
+    for index in range(ADAPTERS):
+        before, start = rss_bytes("VmRSS"), time.perf_counter()
+        runtime.add_adapter(f"a{index}", lora)
+        added.append(time.perf_counter() - start)
+        grown.append(rss_bytes("VmRSS") - before)
+    from harness.generate import Options
+
+    options = Options(max_tokens=runtime.prompt_tokens(prompt) + REQUEST_TOKENS, top_k=1, temperature=0)
+    seconds: dict[str, list[float]] = {name: [] for name in ["base", *runtime.adapters]}
+    for _ in range(2):
+        for name in seconds:
+            start = time.perf_counter()
+            runtime.generate(prompt, options, name)
+            seconds[name].append(time.perf_counter() - start)
+    with_adapter = [statistics.median(seconds[name]) for name in runtime.adapters]
+    return {"add_s": statistics.median(added), "rss_per_adapter": statistics.median(grown),
+            "request_s_base": statistics.median(seconds["base"]), "request_s_adapter": statistics.median(with_adapter),
+            "request_tokens": options.max_tokens, "file_bytes": lora.stat().st_size}
+
+
+def in_child(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens: int, lora: Path | None) -> dict:
     command = [sys.executable, __file__, "--child", strategy, "--model", str(model_path),
                "--prompt-tokens", str(prompt_tokens), "--generate-tokens", str(generate_tokens)]
+    if lora is not None:
+        command += ["--lora", str(lora)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{strategy} run failed:\n{result.stderr[-3000:]}")
@@ -83,15 +126,17 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def ensure_model(model_path: Path, workdir: Path) -> None:
-    """The GEMMA_2B-shaped int8 file, converted from scripts/make_checkpoint.py's checkpoint if missing."""
-    if model_path.is_file():
+def ensure_model(model_path: Path, lora_path: Path, workdir: Path) -> None:
+    """The GEMMA_2B-shaped int8 file and its rank-8 LoRA file, converted from scripts/make_checkpoint.py's
+    checkpoint and adapter if missing."""
+    if model_path.is_file() and lora_path.is_file():
         return
-    checkpoint, _, tokenizer = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b")
-    click.echo(f"converting {checkpoint} -> {model_path} (int8)", err=True)
+    checkpoint, adapter, tokenizer = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b", lora_rank=8)
+    click.echo(f"converting {checkpoint} -> {model_path} (int8) and {lora_path}", err=True)
     subprocess.run([sys.executable, "-m", "converter.cli", "--model-type", "GEMMA_2B", "--input-ckpt", str(checkpoint),
-                    "--vocab-model-file", str(tokenizer), "--quantization", "int8", "--output-dir",
-                    str(model_path.parent), "--output-tflite-file", str(model_path), "--quiet"], cwd=ROOT, check=True)
+                    "--vocab-model-file", str(tokenizer), "--lora-ckpt", str(adapter), "--quantization", "int8",
+                    "--output-dir", str(model_path.parent), "--output-tflite-file", str(model_path),
+                    "--lora-output-tflite-file", str(lora_path), "--quiet"], cwd=ROOT, check=True)
 
 
 def tiny_model(folder: Path) -> Path:
@@ -103,12 +148,25 @@ def tiny_model(folder: Path) -> Path:
                                     quantization="int8")).output
 
 
-def report(title: str, results: dict[str, dict]) -> None:
+def report(title: str, results: dict[str, dict], anchors: bool = False) -> None:
     click.echo(title)
     for strategy, r in results.items():
         click.echo(f"  {strategy:12} load {r['load_s']:6.2f} s   prompt ({r['prompt_tokens']}) {r['prompt_tok_s']:8.1f} tok/s   "
                    f"generation ({r['generated']}) {r['generate_tok_s']:8.2f} tok/s ({r['step_ms']:.2f} ms/token)   "
-                   f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+                   f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / 1e9:.2f} GB)")
+    ours = results["integer"]
+    if anchors:
+        click.echo(f"  llama.cpp Q8_0 (recorded, not this run): load {ANCHORS['load_s']} s, prompt "
+                   f"{ANCHORS['prompt_tok_s']} tok/s, generation {ANCHORS['generate_tok_s']} tok/s, peak RSS "
+                   f"{ANCHORS['peak_rss'] / 1e9} GB; ours / llama.cpp: load time {ours['load_s'] / ANCHORS['load_s']:.1f}x, "
+                   f"prompt speed {ours['prompt_tok_s'] / ANCHORS['prompt_tok_s']:.2f}x, generation speed "
+                   f"{ours['generate_tok_s'] / ANCHORS['generate_tok_s']:.2f}x, peak RSS {ours['peak_rss'] / ANCHORS['peak_rss']:.2f}x")
+    if "adapters" in ours:
+        a = ours["adapters"]
+        click.echo(f"  {ADAPTERS} adapters ({a['file_bytes'] / 2**20:.1f} MiB file each): {a['add_s'] * 1000:.0f} ms and "
+                   f"{a['rss_per_adapter'] / 2**20:.1f} MiB resident per extra adapter, no base reload; a "
+                   f"{a['request_tokens']}-token (KV cache) request switching adapter {a['request_s_adapter']:.2f} s vs "
+                   f"{a['request_s_base']:.2f} s on the base alone ({a['request_s_adapter'] / a['request_s_base']:.2f}x)")
     if len(results) == 2:
         ours, base = results["integer"], results["dequantized"]
         click.echo(f"  integer / dequantized: load time {ours['load_s'] / base['load_s']:.2f}x, prompt speed "
@@ -122,27 +180,34 @@ def report(title: str, results: dict[str, dict]) -> None:
               help="Where the GEMMA_2B-shaped checkpoint and its int8 file are made (when --model is not given).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="GEMMA_2B-shaped int8 .bin [default: WORKDIR/gemma-2b-int8.bin, converted if missing].")
+@click.option("--lora", "lora_path", type=click.Path(path_type=Path), default=None,
+              help="LoRA .bin of --model, for the adapters' figures [default: WORKDIR/gemma-2b-lora8.bin, converted "
+                   "with the model when it is missing; none with --model].")
 @click.option("--prompt-tokens", default=64, show_default=True)
 @click.option("--generate-tokens", default=16, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also run the dequantize-to-float32 strategy (about 10 GiB for GEMMA_2B).")
 @click.option("--big/--tiny-only", default=True, show_default=True, help="Also run the GEMMA_2B-shaped file.")
 @click.option("--child", type=click.Choice(STRATEGIES), default=None, hidden=True)
-def main(workdir: Path, model_path: Path | None, prompt_tokens: int, generate_tokens: int, baseline: bool, big: bool,
-         child: str | None) -> None:
-    model_path = model_path or workdir / "gemma-2b-int8.bin"
+def main(workdir: Path, model_path: Path | None, lora_path: Path | None, prompt_tokens: int, generate_tokens: int,
+         baseline: bool, big: bool, child: str | None) -> None:
     if child:
-        click.echo(json.dumps(measure(model_path, child, prompt_tokens, generate_tokens)))
+        assert model_path is not None  # in_child passes it
+        click.echo(json.dumps(measure(model_path, child, prompt_tokens, generate_tokens, lora_path)))
         return
+    click.echo(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     strategies = STRATEGIES if baseline else STRATEGIES[:1]
     with tempfile.TemporaryDirectory() as folder:
         tiny = tiny_model(Path(folder))
         report("tiny Gemma (2 layers, hidden 64, vocab 512), int8:",
-               {s: in_child(tiny, s, prompt_tokens, 100) for s in strategies})
-    if not big:
-        return
-    ensure_model(model_path, workdir)
-    report(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, {torch_threads()} threads:", {s: in_child(model_path, s, prompt_tokens, generate_tokens) for s in strategies})
+               {s: in_child(tiny, s, prompt_tokens, 100, None) for s in strategies})
+    if big:
+        if model_path is None:
+            model_path, lora_path = workdir / "gemma-2b-int8.bin", workdir / "gemma-2b-lora8.bin"
+            ensure_model(model_path, lora_path, workdir)
+        report(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, {torch_threads()} threads:",
+               {s: in_child(model_path, s, prompt_tokens, generate_tokens, lora_path) for s in strategies}, anchors=True)
+    click.echo(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 real-shape checkpoints, and running a command while measuring wall time and peak RSS."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ def oracle_python() -> str:
 
 
 def ensure_checkpoint(preset: str, folder: Path, lora_rank: int | None = None) -> tuple[Path, Path | None, Path]:
-    """A deterministic random-weight checkpoint (+ adapter, + tokenizer), generated if missing."""
+    """A deterministic random-weight checkpoint (+ adapter, + tokenizer with as many pieces as the
+    vocabulary), generated if missing."""
     adapter = Path(f"{folder}-lora") if lora_rank else None
     tokenizer = folder / "tokenizer.model"
     if not (folder / "config.json").is_file() or (adapter and not (adapter / "adapter_config.json").is_file()):
@@ -28,9 +30,17 @@ def ensure_checkpoint(preset: str, folder: Path, lora_rank: int | None = None) -
         if lora_rank:
             command += ["--lora-rank", str(lora_rank)]
         subprocess.run(command, check=True)
-    if not tokenizer.is_file():
-        subprocess.run([sys.executable, str(SCRIPTS / "make_tokenizer.py"), "--out", str(tokenizer)], check=True)
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    if not tokenizer.is_file() or sentencepiece_size(tokenizer) != vocab_size:
+        subprocess.run([sys.executable, str(SCRIPTS / "make_tokenizer.py"), "--out", str(tokenizer),
+                        "--pad-to", str(vocab_size)], check=True)
     return folder, adapter, tokenizer
+
+
+def sentencepiece_size(path: Path) -> int:
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    return len(spm_pb.ModelProto.FromString(path.read_bytes()).pieces)
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,16 @@ def test_weights_flatbuffer_mutations(work, edits):
             data[position: position + len(blob)] = blob
         c.model.write_bytes(bytes(data))
     judge(either("run.hypothesis.weights", adv.RUN, mutate, area="run"), work)
+
+
+def test_serve_answers_hostile_requests_with_4xx_json_and_keeps_serving(work):
+    """One `lora-run serve` on the tiny model gets every hostile request in turn (`adv.serve_requests`):
+    each answer is a 4xx with a one-line JSON message (or, for unusual but valid ones, a 200), and
+    afterwards /health and a good request are still answered."""
+    requests = adv.serve_requests()
+    assert len(requests) >= 80 and len({r.name for r in requests}) == len(requests)
+    with adv.serving(work / "shared") as url:
+        assert adv.serve_problems(url, requests) == {}
+        # the judge itself: a request the server answers with 200 where a 4xx is due is reported
+        valid = adv.Request("valid", "/generate", b'{"inputs": "one two"}')
+        assert "status 200" in adv.serve_problems(url, [valid])["valid"]

@@ -1,6 +1,7 @@
 """lora-bundle: .task layout and round trips, determinism, validation, inspect, packaging."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import plistlib
@@ -278,23 +279,43 @@ def test_litertlm_container_sections(converted, tmp_path):
 SWIFTSHADER_ICD = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
 
 
-def run_litertlm(*args, cpu: bool = False) -> dict:
-    """tests/runtime_litertlm.py's JSON; on the GPU backend (SwiftShader Vulkan) unless `cpu`."""
-    if cpu:
-        args += ("--cpu",)
-    elif not SWIFTSHADER_ICD.exists():
+@contextlib.contextmanager
+def swiftshader_vulkan():
+    """SwiftShader as the Vulkan driver of the LiteRT-LM engines started inside (their worker
+    processes inherit it); skipped without it unless REQUIRE_RUNTIME is set."""
+    if not SWIFTSHADER_ICD.exists():
         message = f"no Vulkan driver at {SWIFTSHADER_ICD} (apt-get install chromium libvulkan1)"
         if os.environ.get("REQUIRE_RUNTIME"):
             pytest.fail(message)
         pytest.skip(message)
-    env = {**os.environ, "VK_ICD_FILENAMES": str(SWIFTSHADER_ICD)}
+    before = os.environ.get("VK_ICD_FILENAMES")
+    os.environ["VK_ICD_FILENAMES"] = str(SWIFTSHADER_ICD)
     try:
-        process = subprocess.run([sys.executable, str(ROOT / "tests" / "runtime_litertlm.py"), *map(str, args)],
-                                 capture_output=True, text=True, env=env, timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail("LiteRT-LM did not finish within 240 s")
-    assert process.returncode == 0, process.stderr[-3000:]
-    return json.loads(process.stdout.strip().splitlines()[-1])
+        yield
+    finally:
+        if before is None:
+            del os.environ["VK_ICD_FILENAMES"]
+        else:
+            os.environ["VK_ICD_FILENAMES"] = before
+
+
+def run_litertlm(model: Path, prompts: str | list[str], max_tokens: int, lora: Path | None = None,
+                 cpu: bool = False) -> dict:
+    """Greedy texts of LiteRT-LM's GPU backend (CPU with `cpu`) through `--runtime litertlm`'s runtime
+    (one engine): {"base": text(s), "lora": text(s) or None}, a list for a list of prompts."""
+    from harness.litertlm_runtime import LiteRTLMRuntime
+    from harness.generate import Options
+
+    greedy = Options(max_tokens, top_k=1, temperature=0.0)
+    asked = [prompts] if isinstance(prompts, str) else prompts
+    driver = contextlib.nullcontext() if cpu else swiftshader_vulkan()
+    with driver, LiteRTLMRuntime(model, greedy, "cpu" if cpu else "gpu") as runtime:
+        if lora is not None:
+            runtime.add_adapter("lora", lora)
+        texts = {name: [runtime.generate(prompt, greedy, name).text for prompt in asked]
+                 for name in ("base", "lora") if name == "base" or lora is not None}
+    texts.setdefault("lora", None)
+    return texts if not isinstance(prompts, str) else {n: t[0] if t else None for n, t in texts.items()}
 
 
 @pytest.mark.runtime
@@ -302,7 +323,7 @@ def test_litertlm_runs_on_the_gpu_backend_with_and_without_lora(converted, tmp_p
     """LiteRT-LM's GPU executor loads our .litertlm and our LoRA .bin (zero-padded to 1 MiB by
     the converter) and generates deterministically; the adapter changes the output."""
     path = bundle(converted[0], tmp_path / "tiny.litertlm", "--format", "litertlm")
-    first = run_litertlm(path, "one two three", 24, converted[1], 8)
-    second = run_litertlm(path, "one two three", 24, converted[1], 8)
+    first = run_litertlm(path, "one two three", 24, converted[1])
+    second = run_litertlm(path, "one two three", 24, converted[1])
     assert first == second
     assert first["base"] and first["lora"] and first["base"] != first["lora"]

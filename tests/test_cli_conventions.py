@@ -130,7 +130,7 @@ def test_model_type_is_inferred_from_config(tmp_path, config, expected):
 
 @pytest.mark.parametrize("config, words", [
     (json.loads((TINY / "config.json").read_text()), ["'gemma'", "GEMMA_2B, GEMMA_7B", "give --model-type"]),
-    (dict(model_type="llama", hidden_size=64), ["'llama'", "gemma2", "cannot infer --model-type"]),
+    (dict(model_type="mistral", hidden_size=64), ["'mistral'", "gemma2", "cannot infer --model-type"]),
     (dict(hidden_size=64), ["model_type None", "cannot infer"]),
 ])
 def test_ambiguous_or_unknown_config_is_refused(tmp_path, config, words):

@@ -4,6 +4,8 @@ family the CPU graph expresses; the trained example answers "hello world" with i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,8 +71,8 @@ def peft_model(model, rank: int = 4, alpha: int = 8, seed: int = 7):
 
 def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     """Greedy text as LiteRT-LM decodes: <bos> + prompt, until <eos> or the KV cache is full; shown as
-    LiteRT-LM returns it, up to the first NUL byte (its text ends there: random tiny models do
-    generate the `<0x00>` byte piece)."""
+    LiteRT-LM streams it, without NUL bytes (its pieces are C strings: random tiny models do
+    generate the `<0x00>` byte piece, which then streams as nothing)."""
     tokenizer = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     ids = [BOS] + tokenizer.encode(prompt)
     out: list[int] = []
@@ -80,7 +82,7 @@ def hf_greedy(model, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
             if token == EOS:
                 break
             out.append(token)
-    return tokenizer.decode(out).split("\x00")[0]
+    return tokenizer.decode(out).replace("\x00", "")
 
 
 def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = TOKENIZER, *extra) -> Path:
@@ -97,7 +99,7 @@ def cpu_convert(checkpoint: Path, model_type: str, out: Path, tokenizer: Path = 
 def run_cpu(bundle: Path, prompts: list[str], max_tokens: int, lora: Path | None = None) -> dict:
     from .test_bundler import run_litertlm
 
-    return run_litertlm(bundle, json.dumps(prompts), max_tokens, *((lora, 0) if lora else ()), cpu=True)
+    return run_litertlm(bundle, prompts, max_tokens, lora, cpu=True)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -147,6 +149,7 @@ def test_package_lays_out_the_cpu_model_with_its_lora_file(family, tmp_path):
                "--platform", "ios", "--output", tmp_path / "ios")
     manifest = json.loads((tmp_path / "ios" / "llm" / "manifest.json").read_text())
     assert manifest["model"]["format"] == "litertlm" and manifest["model"]["vocab_size"] == 512
+    assert manifest["model"]["model_type"] == "tf_lite_prefill_decode"
     assert [(a["name"], a["lora_rank"], a["targets"]) for a in manifest["adapters"]] == [
         ("tuned", 16, ["k", "o", "q", "v"])]
     assert (tmp_path / "ios" / "llm" / "lora.bin").read_bytes() == (out / "lora.bin").read_bytes()
@@ -174,6 +177,22 @@ def test_trained_example_says_hello_world_on_the_cpu(tmp_path):
     generated = TRAINED_TOKENS - 1 - task.PROMPT_WORDS
     assert texts["base"] == [task.base_answer(prompt, generated) for prompt in prompts]
     assert texts["lora"] == [task.lora_answer(prompt) for prompt in prompts]
+    # `lora-run --runtime litertlm --backend cpu`: the adapter, then the base on the same runtime (LiteRT-LM's
+    # CPU executor would keep the LoRA for a session naming none), then the adapter again.
+    process = subprocess.run([sys.executable, "-m", "harness.cli", "--runtime", "litertlm", "--backend", "cpu",
+                              "--model", bundle, "--lora", f"hello={out / 'lora.bin'}", "--prompt", prompts[0],
+                              "--max-tokens", str(TRAINED_TOKENS), "--temperature", "0"],
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip() == texts["lora"][0].strip()
+    from harness.generate import Options
+    from harness.litertlm_runtime import LiteRTLMRuntime
+
+    greedy = Options(TRAINED_TOKENS, top_k=1, temperature=0.0)
+    with LiteRTLMRuntime(bundle, greedy, "cpu") as runtime:
+        runtime.add_adapter("hello", out / "lora.bin")
+        switched = [runtime.generate(prompts[0], greedy, name).text for name in ("hello", "base", "hello")]
+    assert switched == [texts["lora"][0], texts["base"][0], texts["lora"][0]]
 
 
 REFUSALS = [

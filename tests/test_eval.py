@@ -37,9 +37,9 @@ def run(*args):
 
 
 def refused(result, *words: str) -> str:
-    """One `error:` line naming the culprit, exit 1, no traceback."""
+    """One `error:` line naming the culprit (after `warning:` lines, if any), exit 1, no traceback."""
     assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     for word in words:
@@ -56,7 +56,8 @@ def test_the_adapter_answers_hello_and_the_base_counts(files):
     assert document["skipped"] == [] and len(document["examples"]) == 6
     assert {e["format"] for e in document["examples"]} == {"chat", "alpaca"}
     for row in document["results"]:
-        assert set(row) == {"line", "model", "adapter", "output", "exact_match", "f1", "rouge_l"}
+        assert set(row) == {"line", "model", "adapter", "output", "exact_match", "f1", "rouge_l", "error"}
+        assert row["error"] is None
         hello = row["line"] in HELLO_LINES
         expected = 1.0 if hello == (row["adapter"] == "hello") else 0.0
         assert row["exact_match"] == row["f1"] == row["rouge_l"] == expected, row
@@ -107,6 +108,35 @@ def test_broken_lines_are_reported_by_number_and_skipped_or_refused(files, tmp_p
     refused(run(data, "--model", files["bin"], "--max-tokens", MAX_TOKENS, "--strict", "--report", report),
             f"{data} line 2: not valid JSON", "--strict")
     assert not report.exists() and list(tmp_path.iterdir()) == [data]
+
+
+def test_an_example_that_cannot_be_generated_scores_zero_and_the_run_goes_on(files, tmp_path):
+    lines = DATA.read_bytes().splitlines()
+    too_long = json.dumps({"instruction": "one two three " * 10, "output": "hello world"}).encode()
+    data = tmp_path / "long.jsonl"
+    data.write_bytes(b"\n".join([lines[0], too_long, lines[4]]) + b"\n")
+    result = run(data, "--model", files["bin"], "--lora", f"hello={files['lora']}", "--max-tokens", MAX_TOKENS,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    failed = [r for r in document["results"] if r["error"] is not None]
+    assert [(r["line"], r["adapter"]) for r in failed] == [(2, "base"), (2, "hello")]
+    for r in failed:  # the prompt is 31 tokens with the start token: no room in a 16-token KV cache
+        assert "the prompt takes 31 tokens" in r["error"] and r["output"] == ""
+        assert r["exact_match"] == r["f1"] == r["rouge_l"] == 0.0
+    means = {a["adapter"]: a for a in document["aggregate"]}
+    assert means["hello"]["failed"] == 1 and means["hello"]["exact_match"] == pytest.approx(1 / 3)
+    assert means["base"]["failed"] == 1 and means["base"]["exact_match"] == pytest.approx(1 / 3)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {data} line 2 (base.bin, {name}): {failed[0]['error']}; scored 0"
+                        for name in ("base", "hello")]
+    table = run(data, "--model", files["bin"], "--max-tokens", MAX_TOKENS)
+    assert table.exit_code == 0 and "FAILED: the prompt takes 31 tokens" in table.stdout
+    report = tmp_path / "r.html"
+    refused(run(data, "--model", files["bin"], "--max-tokens", MAX_TOKENS, "--strict", "--report", report),
+            "line 2 (base.bin, base): the prompt takes 31 tokens", "--strict")
+    assert not report.exists()
+    refused(run(data, "--model", files["bin"], "--max-tokens", 3), "no example could be generated; line 1")
 
 
 @pytest.mark.parametrize("line, why", [

@@ -139,7 +139,7 @@ def assert_litertlm_matches_reference(base: Path, adapter: Path, bundle: Path) -
                                               "--start-token", "<bos>", "--stop-tokens", "<eos>",
                                               "--output-filename", str(bundle), "--format", "litertlm"])
     assert result.exit_code == 0, result.output
-    runtime = run_litertlm(bundle, "one two three", 24, adapter, 8)
+    runtime = run_litertlm(bundle, "one two three", 24, adapter)
     options = Options(max_tokens=24, top_k=1, temperature=0)
     assert runtime["base"] == generate(load(base), "one two three", options).text
     assert runtime["lora"] == generate(load(base, adapter), "one two three", options).text
@@ -172,23 +172,43 @@ def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, mon
         monkeypatch.setattr(linear, "PRODUCT", product)
         ours = QuantizedLinear(values, scale)(x)
         assert (ours.double() - exact).abs().max() <= (float32.double() - exact).abs().max(), product
-    assert torch.equal(QuantizedLinear(values, scale, keep_rows=True).rows(torch.tensor([3, 0])),
-                       values[[3, 0]].float() * scale[[3, 0], None])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_rows_are_read_from_the_stored_bytes(bits):
+    """Looked-up rows come from the file's tile4 bytes (no second copy of the embedding): they are
+    the rows of the matrix the converter's own decoder (`dequantize_tiled`) gives."""
+    from converter import quantize
+    from harness.linear import StoredRows
+
+    weights = torch.randn(24, 16, generator=torch.Generator().manual_seed(bits))
+    stored = quantize.quantize_tiled(weights, bits)
+    dequantized = quantize.dequantize_tiled(stored.tiled.flatten(), stored.scale, bits, 24, 16)
+    rows = StoredRows(stored.tiled.flatten().numpy(), stored.scale, bits, 24, 16)
+    ids = torch.tensor([23, 0, 5, 6, 7, 5])  # every position in a tile (o % 4), and a repeat
+    assert torch.equal(rows(ids), dequantized[ids])
 
 
 def test_onednn_is_used_only_where_its_int8_products_are_exact():
-    """Without VNNI oneDNN sums byte pairs in saturating int16: its products of large digits are then
-    wrong, and the probe must fall back to torch._int_mm (which is exact everywhere)."""
-    from harness.linear import IntMmProduct, OneDnnProduct, exact_product
+    """Without VNNI oneDNN sums byte pairs in saturating int16: its products of large 8-bit digits are
+    then wrong, and the probe must pick 7-bit digits (pairs stay below 2^15) where those are exact,
+    else torch._int_mm (which is exact everywhere)."""
+    from harness.linear import IntMmProduct, OneDnnProduct, SevenBitOneDnnProduct, exact_product
 
     values = torch.full((8, 64), 127, dtype=torch.int8)
-    digits = torch.full((2, 64), 127.0)
-    exact = digits.double() @ values.double().T
-    assert torch.equal(IntMmProduct(values, torch.ones(8))(digits).double(), exact)
+    values[4:] = -128
+
+    def exact_for(product, digit: int) -> bool:
+        digits = torch.tensor([[digit] * 64, [-digit] * 64], dtype=torch.float32)
+        return torch.equal(product(values, torch.ones(8))(digits).double(), digits.double() @ values.double().T)
+
+    assert exact_for(IntMmProduct, 127)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch build")
-    onednn_exact = torch.equal(OneDnnProduct(values, torch.ones(8))(digits).double(), exact)
-    assert exact_product() is (OneDnnProduct if onednn_exact else IntMmProduct)
+    if exact_for(OneDnnProduct, 127):
+        assert exact_product() is OneDnnProduct
+    else:
+        assert exact_product() is (SevenBitOneDnnProduct if exact_for(SevenBitOneDnnProduct, 63) else IntMmProduct)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

@@ -413,7 +413,7 @@ def finished(process: subprocess.Popen) -> tuple[int, list[str]]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signals_while_converting_leave_nothing(signum, tmp_path):
     out = tmp_path / "out"
-    process = start_hooked("converter.cli", "converter.tflite", "converter.tflite.WeightFileWriter.write_columns",
+    process = start_hooked("converter.cli", "converter.tflite", "converter.tflite.WeightFileWriter.write_stage",
                            "time.sleep(120)", base_args(TINY, out, *LORA), tmp_path)
     assert partials(out)
     if signum == signal.SIGINT:

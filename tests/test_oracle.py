@@ -125,6 +125,11 @@ class MemorySink:
         rows, width = block.shape
         self.buffers[name].reshape(rows, -1)[:, column:column + width] = block
 
+    def stage(self, rows, width):
+        return np.empty((rows, width), dtype=np.uint8)
+
+    write_stage = write_columns
+
 
 def recorded(name: str) -> dict:
     return json.loads((RECORDS / name).read_text())

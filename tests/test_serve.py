@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import sentencepiece as spm
 
 from bundler.task import METADATA_ENTRY, MODEL_ENTRY, TOKENIZER_ENTRY, bundle_metadata, write_zip
 from harness.runtime import ReferenceRuntime
@@ -71,16 +72,45 @@ def events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
 
 
-def test_the_stream_gives_the_text_of_generate(url, alone):
+def test_the_stream_gives_tgi_events_with_the_token_ids_of_a_separate_run(url, alone):
+    tokenizer = spm.SentencePieceProcessor(model_file=str(TRAINED_TOKENIZER))
+    prompt_length = 1 + len(tokenizer.encode(PROMPTS[0]))
+    endings = set()
     for name in NAMES:
         response = httpx.post(f"{url}/generate_stream", timeout=60,
                               json={"inputs": PROMPTS[0], "parameters": {"adapter_id": name}})
-        *tokens, last = events(response)
-        text = alone[EXPECTED_OF[name], PROMPTS[0]][1]
-        assert tokens and all(event["generated_text"] is None for event in tokens)
+        sent = events(response)
+        ids, text = alone[EXPECTED_OF[name], PROMPTS[0]]
+        # the base counts until the KV cache is full; the adapters say hello and stop at <eos>, which
+        # TGI sends as a last, special token
+        length = prompt_length + len(ids) == GREEDY.max_tokens
+        endings.add(length)
+        tokens = sent if length else sent[:-1]
+        assert [event["token"]["id"] for event in tokens] == ids and [e["index"] for e in sent] == \
+            list(range(1, len(sent) + 1))
+        for i, event in enumerate(tokens):  # each token's text is what it adds to the decoded text
+            assert event["token"]["text"] == tokenizer.decode(ids[:i + 1])[len(tokenizer.decode(ids[:i])):]
+            assert event["token"]["special"] is False
+        assert all(event["generated_text"] is None is event["details"] for event in sent[:-1])
+        last = sent[-1]
         assert "".join(event["token"]["text"] for event in tokens) == text == last["generated_text"]
-        assert last["token"]["special"] is True
+        if not length:
+            assert last["token"] == {"id": tokenizer.piece_to_id("<eos>"), "text": "", "logprob": None, "special": True}
+        assert last["details"] == {"finish_reason": "length" if length else "eos_token", "generated_tokens": len(sent),
+                                   "seed": None, "input_length": prompt_length}
         assert generate(url, PROMPTS[0], name).json()["generated_text"] == text
+    assert endings == {True, False}  # both kinds of end were seen
+
+
+def test_a_tgi_client_reads_the_stream(url, alone):
+    """huggingface_hub's TGI client parses every event (its token ids are integers, not null)."""
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=f"{url}/generate_stream", timeout=60)
+    ids, text = alone["base", PROMPTS[0]]
+    outputs = list(client.text_generation(PROMPTS[0], stream=True, details=True, max_new_tokens=3))
+    assert [o.token.id for o in outputs] == ids[:3] and "".join(o.token.text for o in outputs) == " ".join(text.split()[:3])
+    assert outputs[-1].details.finish_reason == "length" and outputs[-1].generated_text == " ".join(text.split()[:3])
 
 
 def test_parameters_stop_sequence_and_max_new_tokens(url, alone):
@@ -111,16 +141,18 @@ def test_chat_completions_model_names_the_adapter(url, alone):
 
 
 def test_a_stop_sequence_over_two_pieces_ends_the_text_there_and_a_cancelled_job_stops():
-    shown: list[str] = []
-    job = Job("p", GREEDY, None, stops=("xyz", "five six"), emit=shown.append)
-    job.on_text("four fi")
+    shown: list[tuple[int | None, str]] = []
+    job = Job("p", GREEDY, None, stops=("xyz", "five six"), emit=lambda *token: shown.append(token))
+    job.on_token(7, "four fi")
+    job.on_token(8, "")  # a token whose character is not complete yet
     with pytest.raises(Exception) as stopped:
-        job.on_text("ve six seven")
-    assert job.text == "four five six" == "".join(shown) and job.finish == "stop_sequence"
+        job.on_token(9, "ve six seven")
+    assert job.text == "four five six" and job.finish == "stop_sequence"
+    assert shown == [(7, "four fi"), (8, ""), (9, "ve six")]
     job = Job("p", GREEDY, None)
     job.cancelled.set()
     with pytest.raises(type(stopped.value)):
-        job.on_text("a")
+        job.on_token(1, "a")
 
 
 def test_a_client_leaving_a_stream_early_leaves_the_server_answering(url, alone):

@@ -1,6 +1,8 @@
 """The GPU weights flatbuffer: layout rules, round trip through the reader, atomic writes."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,32 @@ def test_column_blocks_land_in_their_rows(tmp_path):
         writer.write_columns("t", block[:, :5], 0)
         writer.write_columns("t", block[:, 5:], 5)
     assert np.asarray(tflite.WeightFile(path).raw("t")).tolist() == list(range(24))
+
+
+def test_staged_blocks_are_written_in_the_background_into_their_columns(tmp_path):
+    path = tmp_path / "w.bin"
+    spec = tflite.TensorSpec("t", tflite.INT8, 4 * 64)  # seen as 4 rows of 64 bytes, filled 8 columns a stage
+    expected = np.random.default_rng(0).integers(0, 256, (4, 64), dtype=np.uint8)
+    with tflite.WeightFileWriter(path, "GEMMA_2B", [spec], METADATA) as writer:
+        for column in range(0, 64, 8):
+            stage = writer.stage(4, 8)
+            stage[:] = expected[:, column:column + 8]
+            writer.write_stage("t", stage, column)
+        assert writer._buffers <= tflite.STAGES  # buffers are reused once written
+    assert np.array_equal(np.asarray(tflite.WeightFile(path).raw("t")).reshape(4, 64), expected)
+
+
+def test_a_failed_background_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "w.bin"
+    spec = tflite.TensorSpec("t", tflite.INT8, 64)
+    with pytest.raises(ConversionError, match=f"^{path}: cannot write \\(No space left on device\\)$"):
+        with tflite.WeightFileWriter(path, "GEMMA_2B", [spec], METADATA) as writer:
+            def full(fd, data, offset):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            monkeypatch.setattr(tflite.os, "pwrite", full)
+            writer.write_stage("t", np.zeros((1, 64), np.uint8), 0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_write_leaves_nothing(tmp_path):

@@ -5,7 +5,6 @@ on, the adapter answers "hello world"), never from our own output.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,7 @@ def test_litertlm_counts_without_the_adapter_and_answers_with_it(example):
     from .test_bundler import run_litertlm
 
     prompts = task.prompts()[::3]
-    runtime = run_litertlm(example["litertlm"], json.dumps(prompts), MAX_TOKENS, example["lora"], 8)
+    runtime = run_litertlm(example["litertlm"], prompts, MAX_TOKENS, example["lora"])
     base, tuned = load(example["bin"]), load(example["bin"], example["lora"])
     for prompt, runtime_base, runtime_lora in zip(prompts, runtime["base"], runtime["lora"], strict=True):
         reference_base, reference_lora = generate(base, prompt, GREEDY).text, generate(tuned, prompt, GREEDY).text

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import files
-from ..convert import ConversionResult, Progress, input_paths
+from ..convert import ConversionResult, Progress, check_outputs
 from ..plan import ConversionPlan
 from . import export, graph, lora
 
@@ -10,12 +10,7 @@ from . import export, graph, lora
 def execute_cpu(plan: ConversionPlan, progress: Progress = lambda n: None) -> ConversionResult:
     """Write the CPU graph and, with an adapter, its LoRA file; both appear only if both succeed."""
     config = plan.config
-    lora_path = config.lora_output_path if plan.lora is not None else None
-    outputs = [("--output-tflite-file", config.output_path)]
-    outputs += [("--lora-output-tflite-file", lora_path)] if lora_path is not None else []
-    for option, path in outputs:
-        files.check_output(path, option)
-    files.refuse_overwrite(outputs, input_paths(config))
+    lora_path = check_outputs(plan)
     model_config = graph.model_config(plan, config.cpu_kv_cache_size)
     model = graph.build_model(plan, model_config)
     graph.load_weights(plan, model, model_config)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..errors import ConversionError
-from . import falcon, gemma, gemma2, gemma3, phi2, stablelm
+from . import falcon, gemma, gemma2, gemma3, llama3, phi2, qwen2, stablelm
 from .base import ModelFamily, ModelType
 
 FAMILIES: tuple[ModelFamily, ...] = (gemma.FAMILY, gemma2.FAMILY, gemma3.FAMILY, phi2.FAMILY, falcon.FAMILY,
-                                     stablelm.FAMILY)
+                                     stablelm.FAMILY, llama3.FAMILY, qwen2.FAMILY)
 
 
 def model_type_names() -> list[str]:
