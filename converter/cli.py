@@ -217,6 +217,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
 @click.option("--prefill-length", type=int, default=None,
               help=f"--backend cpu: prompt tokens per prefill step [default: {options.DEFAULT_PREFILL_LENGTH}, "
                    f"at most --kv-cache-size].")
+@click.option("--no-graph-cache", "graph_cache", is_flag=True, default=True, flag_value=False,
+              help="--backend cpu, int8: build the graph with litert-torch even when one built for this shape and "
+                   "base model is cached (in $XDG_CACHE_HOME/lora-convert/cpu-graphs), and do not cache it.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:

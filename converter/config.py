@@ -53,6 +53,7 @@ class ConversionConfig:
     merge_unsupported: bool = False
     kv_cache_size: int | None = None  # --backend cpu: positions the graph's KV cache holds
     prefill_length: int | None = None  # --backend cpu: tokens the prefill signature takes at a time
+    graph_cache: bool = True  # --backend cpu, int8: reuse the graph template built for this shape (cpu/cache.py)
 
     def __post_init__(self) -> None:
         if self.ckpt_format not in CKPT_FORMATS:

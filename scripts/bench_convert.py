@@ -123,43 +123,54 @@ def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
     return seconds, peak
 
 
+def group_rss(group: int) -> int:
+    """Resident bytes of a process group, all processes together (lora-convert's work runs in a child)."""
+    listed = subprocess.run(["ps", "-o", "rss=", "-g", str(group)], capture_output=True, text=True).stdout
+    return sum(int(kb) for kb in listed.split()) * 1024
+
+
 def run_limited(command: list[str], rss_limit: int, timeout: float) -> tuple[Measured, str]:
-    """Run a command (its stage lines shown) and stop it past `rss_limit` bytes of RSS or `timeout` s."""
+    """Run a command (its stage lines shown) and stop it past `rss_limit` bytes of RSS (its whole
+    process group) or `timeout` s. The peak is the larger of the polled group total and wait4's."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
     peak, stopped = 0, ""
     while process.poll() is None:
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            rss = 0
+        rss = group_rss(process.pid)
         peak = max(peak, rss)
         elapsed = time.perf_counter() - start
         if rss > rss_limit or elapsed > timeout:
             stopped = f"stopped at {gib(rss)} RSS" if rss > rss_limit else f"stopped after {timeout:.0f} s"
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             break
         time.sleep(0.5)
-    return Measured(time.perf_counter() - start, peak, process.returncode or 0), stopped
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+        code, peak = os.waitstatus_to_exitcode(status), max(peak, usage.ru_maxrss * 1024)
+    except ChildProcessError:  # reaped by poll()
+        code = process.returncode
+    return Measured(time.perf_counter() - start, peak, code or 0), stopped
 
 
 def cpu_case(workdir: Path, preset: str, lora_rank: int, anchor: bool) -> None:
-    """Ours (graph built once per shape, then weights streamed) vs litert-torch's documented export."""
-    checkpoint, _, _ = ensure_checkpoint(preset, workdir / preset.lower(), lora_rank or None)
-    cache, out = workdir / "cpu-graphs", workdir / "cpu-ours.tflite"
-    ours = [sys.executable, str(ROOT / "scripts" / "cpu_stream_convert.py"), "--checkpoint", str(checkpoint),
-            "--out", str(out), "--cache", str(cache)]
+    """Ours (`lora-convert --backend cpu`: graph template built, then from the cache; weights
+    streamed) vs litert-torch's documented export of the same checkpoint."""
+    checkpoint, adapter, tokenizer = ensure_checkpoint(preset, workdir / preset.lower(), lora_rank or None)
+    cache, out = workdir / "xdg-cache", workdir / "cpu-ours"
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # the runs' own graph cache, emptied first
+    shutil.rmtree(cache, ignore_errors=True)
+    ours = [sys.executable, "-m", "converter.cli", "--backend", "cpu", "--model-type", preset, "--input-ckpt",
+            str(checkpoint), "--vocab-model-file", str(tokenizer), "--output-dir", str(out),
+            "--kv-cache-size", "1280", "--prefill-length", "128", "--quiet"]
     theirs = [sys.executable, str(ROOT / "scripts" / "litert_torch_convert.py"), "--checkpoint", str(checkpoint),
               "--out", str(workdir / "cpu-litert-torch")]
-    if lora_rank:  # LoRA signatures in both graphs; LiteRT-LM takes LoRA ranks 16 or 32
-        ours += ["--lora-rank", str(max(16, lora_rank))]
+    if adapter:  # LoRA signatures in both graphs; LiteRT-LM takes LoRA ranks 16 or 32
+        ours += ["--lora-ckpt", str(adapter)]
         theirs += ["--lora-rank", str(max(16, lora_rank))]
     click.echo(f"{preset} CPU int8 (prefill 128, KV cache 1280); load: {os.getloadavg()[0]:.2f}")
     warm(checkpoint)
     results = {}
-    for label, command in (("ours, graph built", ours + ["--no-cache"]), ("ours, graph cached", ours)):
+    for label, command in (("ours, graph built", ours), ("ours, graph cached", ours)):
         fresh(out)
         run, stopped = run_limited(command, RSS_LIMIT, 900)
         if stopped or run.returncode:  # GEMMA_2B: litert-torch's float flatbuffer + quantizer step
