@@ -193,7 +193,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
                    "rank rounded up to a multiple of 4].")
 @click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
 @click.option("--quantization", type=click.Choice(options.QUANTIZATIONS), default="int8", show_default=True,
-              help="Encoding of the base weight matrices.")
+              help="Encoding of the base weight matrices. --backend cpu: int8 weights are streamed into a cached "
+                   "graph (little memory at any size); int4, fp16 and fp32 graphs are exported whole by litert-torch "
+                   "(its memory: several times the float32 model).")
 @click.option("--lora-scaling", type=click.Choice(options.LORA_SCALINGS), default=None,
               help="peft: fold lora_alpha/r into the weights (default); raw: store tensors as trained.")
 @click.option("--mediapipe-compat", is_flag=True,
