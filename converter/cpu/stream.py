@@ -81,6 +81,9 @@ def place_markers(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> 
             value = torch.full((1,) * param.dim(), marker(len(kinds))).expand(param.shape)
             placed[key] = torch.nn.Parameter(value, requires_grad=False)
             kinds.append(kind)
+        if placed[key].shape != param.shape:
+            raise ConversionError(f"--backend cpu: {name} is {list(param.shape)}, other layers' "
+                                  f"{list(placed[key].shape)}; layers of one shape only are streamed")
         state[name] = placed[key]
     load_tensors(plan, model, state)
     return kinds
