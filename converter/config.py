@@ -87,6 +87,8 @@ class ConversionConfig:
             for option, value in sizes:
                 if value is not None:
                     raise ConversionError(f"{option} applies to --backend cpu only (the GPU runtime sizes its cache)")
+            if not self.graph_cache:
+                raise ConversionError("--no-graph-cache applies to --backend cpu only (GPU files have no graph)")
             return
         if self.mediapipe_compat:
             raise ConversionError("--mediapipe-compat reproduces MediaPipe's GPU files; it does not apply to --backend cpu")

@@ -236,3 +236,13 @@ def test_the_key_follows_the_vectors_not_the_matrices(gemma, tmp_path):
     same = key(None)
     assert key("model.layers.1.mlp.up_proj.weight") == same
     assert key("model.layers.1.post_attention_layernorm.weight")["vectors"] != same["vectors"]
+
+
+def test_no_graph_cache_is_refused_on_the_gpu_backend(tmp_path):
+    from .conftest import TINY, TOKENIZER, run_convert
+
+    result = run_convert("--model-type", "GEMMA_2B", "--input-ckpt", TINY, "--vocab-model-file", TOKENIZER,
+                         "--output-dir", tmp_path / "out", "--no-graph-cache")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "error: --no-graph-cache applies to --backend cpu only (GPU files have no graph)\n"
+    assert not (tmp_path / "out").exists()
