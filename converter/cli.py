@@ -193,7 +193,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
                    "rank rounded up to a multiple of 4].")
 @click.option("--lora-output-tflite-file", default=None, help="LoRA weights file [default: OUTPUT_DIR/lora.tflite].")
 @click.option("--quantization", type=click.Choice(options.QUANTIZATIONS), default="int8", show_default=True,
-              help="Encoding of the base weight matrices.")
+              help="Encoding of the base weight matrices. --backend cpu: int8 weights are streamed into a cached "
+                   "graph (little memory at any size); int4, fp16 and fp32 graphs are exported whole by litert-torch "
+                   "(its memory: several times the float32 model).")
 @click.option("--lora-scaling", type=click.Choice(options.LORA_SCALINGS), default=None,
               help="peft: fold lora_alpha/r into the weights (default); raw: store tensors as trained.")
 @click.option("--mediapipe-compat", is_flag=True,
@@ -217,6 +219,9 @@ def resolve_inputs(kwargs: dict, check_adapter: str | None, quiet: bool) -> str 
 @click.option("--prefill-length", type=int, default=None,
               help=f"--backend cpu: prompt tokens per prefill step [default: {options.DEFAULT_PREFILL_LENGTH}, "
                    f"at most --kv-cache-size].")
+@click.option("--no-graph-cache", "graph_cache", is_flag=True, default=True, flag_value=False,
+              help="--backend cpu, int8: build the graph with litert-torch even when one built for this shape and "
+                   "base model is cached (in $XDG_CACHE_HOME/lora-convert/cpu-graphs), and do not cache it.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor plan and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> None:

@@ -53,6 +53,7 @@ class ConversionConfig:
     merge_unsupported: bool = False
     kv_cache_size: int | None = None  # --backend cpu: positions the graph's KV cache holds
     prefill_length: int | None = None  # --backend cpu: tokens the prefill signature takes at a time
+    graph_cache: bool = True  # --backend cpu, int8: reuse the graph template built for this shape (cpu/cache.py)
 
     def __post_init__(self) -> None:
         if self.ckpt_format not in CKPT_FORMATS:
@@ -86,6 +87,8 @@ class ConversionConfig:
             for option, value in sizes:
                 if value is not None:
                     raise ConversionError(f"{option} applies to --backend cpu only (the GPU runtime sizes its cache)")
+            if not self.graph_cache:
+                raise ConversionError("--no-graph-cache applies to --backend cpu only (GPU files have no graph)")
             return
         if self.mediapipe_compat:
             raise ConversionError("--mediapipe-compat reproduces MediaPipe's GPU files; it does not apply to --backend cpu")

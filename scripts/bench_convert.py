@@ -3,6 +3,7 @@
     python scripts/bench_convert.py                       # GEMMA_2B bf16 + rank-8 LoRA, int8, 3 runs each
     python scripts/bench_convert.py --quantization int4 --lora-rank 0
     python scripts/bench_convert.py --preset GEMMA_7B --workdir /work/big/bench-7b --versus GEMMA_2B  # 17 GB
+    python scripts/bench_convert.py --backend cpu         # GEMMA_2B int8 CPU graph vs litert-torch's export
 
 Both read the checkpoint from a warm page cache; outputs are deleted and `sync`ed before each
 run so neither pays for the other's write-back. Prints wall time (median) and peak RSS of each,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,8 @@ MEDIAPIPE_CANNOT_RUN = {
                 "(shared/reference/anchors.md); running it again would starve every other process",
 }
 RSS_TARGET = 2**30  # the streaming converter's peak-RSS budget
+CPU_RSS_TARGET, CPU_TIME_TARGET = 4 * 2**30, 120.0  # the CPU path's budget (graph from cache)
+RSS_LIMIT = 18 * 2**30  # a CPU conversion is stopped here, before it starves the machine
 
 
 def warm(folder: Path) -> float:
@@ -119,7 +123,82 @@ def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
     return seconds, peak
 
 
+def group_rss(group: int) -> int:
+    """Resident bytes of a process group, all processes together (lora-convert's work runs in a child)."""
+    listed = subprocess.run(["ps", "-o", "rss=", "-g", str(group)], capture_output=True, text=True).stdout
+    return sum(int(kb) for kb in listed.split()) * 1024
+
+
+def run_limited(command: list[str], rss_limit: int, timeout: float) -> tuple[Measured, str]:
+    """Run a command (its stage lines shown) and stop it past `rss_limit` bytes of RSS (its whole
+    process group) or `timeout` s. The peak is the larger of the polled group total and wait4's."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    peak, stopped = 0, ""
+    while process.poll() is None:
+        rss = group_rss(process.pid)
+        peak = max(peak, rss)
+        elapsed = time.perf_counter() - start
+        if rss > rss_limit or elapsed > timeout:
+            stopped = f"stopped at {gib(rss)} RSS" if rss > rss_limit else f"stopped after {timeout:.0f} s"
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+        code, peak = os.waitstatus_to_exitcode(status), max(peak, usage.ru_maxrss * 1024)
+    except ChildProcessError:  # reaped by poll()
+        code = process.returncode
+    return Measured(time.perf_counter() - start, peak, code or 0), stopped
+
+
+def cpu_case(workdir: Path, preset: str, lora_rank: int, anchor: bool) -> None:
+    """Ours (`lora-convert --backend cpu`: graph template built, then from the cache; weights
+    streamed) vs litert-torch's documented export of the same checkpoint."""
+    checkpoint, adapter, tokenizer = ensure_checkpoint(preset, workdir / preset.lower(), lora_rank or None)
+    cache, out = workdir / "xdg-cache", workdir / "cpu-ours"
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # the runs' own graph cache, emptied first
+    shutil.rmtree(cache, ignore_errors=True)
+    ours = [sys.executable, "-m", "converter.cli", "--backend", "cpu", "--model-type", preset, "--input-ckpt",
+            str(checkpoint), "--vocab-model-file", str(tokenizer), "--output-dir", str(out),
+            "--kv-cache-size", "1280", "--prefill-length", "128", "--quiet"]
+    theirs = [sys.executable, str(ROOT / "scripts" / "litert_torch_convert.py"), "--checkpoint", str(checkpoint),
+              "--out", str(workdir / "cpu-litert-torch")]
+    if adapter:  # LoRA signatures in both graphs; LiteRT-LM takes LoRA ranks 16 or 32
+        ours += ["--lora-ckpt", str(adapter)]
+        theirs += ["--lora-rank", str(max(16, lora_rank))]
+    click.echo(f"{preset} CPU int8 (prefill 128, KV cache 1280); load: {os.getloadavg()[0]:.2f}")
+    warm(checkpoint)
+    results = {}
+    for label, command in (("ours, graph built", ours), ("ours, graph cached", ours)):
+        fresh(out)
+        run, stopped = run_limited(command, RSS_LIMIT, 900)
+        if stopped or run.returncode:  # GEMMA_2B: litert-torch's float flatbuffer + quantizer step
+            raise SystemExit(f"{label}: {stopped or f'failed ({run.returncode})'} after {run.seconds:.1f} s")
+        results[label] = summary(label, [run])
+    fresh(out)
+    seconds, peak = results["ours, graph cached"]
+    click.echo(f"ours (cached graph) under {gib(CPU_RSS_TARGET)} and {CPU_TIME_TARGET:.0f} s: "
+               f"{'yes' if peak < CPU_RSS_TARGET and seconds < CPU_TIME_TARGET else 'NO'}")
+    if not anchor:
+        return
+    warm(checkpoint)
+    run, stopped = run_limited(theirs, RSS_LIMIT, 900)
+    shutil.rmtree(workdir / "cpu-litert-torch", ignore_errors=True)
+    label = "litert-torch 0.10"
+    if stopped or run.returncode:
+        click.echo(f"{label:18} {stopped or f'failed ({run.returncode})'} after {run.seconds:.1f} s, "
+                   f"peak RSS {gib(run.peak_rss_bytes)} (its last stage line above says how far it got)")
+    else:
+        summary(label, [run])
+    for name, (ours_seconds, ours_peak) in results.items():
+        bound = "at least " if stopped or run.returncode else ""
+        click.echo(f"ratios (litert-torch / {name}): wall {bound}{run.seconds / ours_seconds:.1f}x, "
+                   f"peak RSS {bound}{run.peak_rss_bytes / ours_peak:.1f}x")
+
+
 @click.command()
+@click.option("--backend", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "lora-convert-bench", show_default=True)
 @click.option("--preset", default="GEMMA_2B", show_default=True)
 @click.option("--quantization", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
@@ -127,9 +206,13 @@ def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
 @click.option("--repeat", default=3, show_default=True, help="Runs of ours (median reported).")
 @click.option("--mediapipe-repeat", default=3, show_default=True, help="Runs of MediaPipe (median; 0 to skip).")
 @click.option("--versus", help="Also convert this preset (ours only, same options) and print the time ratio.")
-def main(workdir: Path, preset: str, quantization: str, lora_rank: int, repeat: int, mediapipe_repeat: int,
-         versus: str | None) -> None:
+@click.option("--no-anchor", is_flag=True, help="CPU: skip litert-torch's own conversion (about 9 min, 18 GiB).")
+def main(backend: str, workdir: Path, preset: str, quantization: str, lora_rank: int, repeat: int,
+         mediapipe_repeat: int, versus: str | None, no_anchor: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
+    if backend == "cpu":
+        cpu_case(workdir, preset, lora_rank, not no_anchor)
+        return
     _, model_type = find_model_type(preset)
     if lora_rank and not model_type.lora:
         click.echo(f"{preset} takes no LoRA (MediaPipe refuses it): benchmarking the base conversion only")

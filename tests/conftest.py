@@ -1,7 +1,9 @@
 """Shared fixtures: the checked-in tiny Gemma, its adapter and tokenizer, and a CLI runner."""
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,19 @@ FIXTURES = ROOT / "fixtures"
 TINY = FIXTURES / "tiny-gemma"
 TINY_LORA = FIXTURES / "tiny-gemma-lora"
 TOKENIZER = TINY / "tokenizer.model"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`--backend cpu` caches graph templates in $XDG_CACHE_HOME: the session's own, not the user's
+    (shared by the session's tests and the CLIs they start, so a template is built once per shape)."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture

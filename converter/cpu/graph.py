@@ -64,15 +64,23 @@ def build_model(plan: ConversionPlan, config: Any) -> torch.nn.Module:
     return model
 
 
-def _fuse_qkv(attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+Rows = tuple[tuple[str, int, int], ...]  # (checkpoint tensor, first row, end row), stacked in order
+
+
+def _whole(item: PlannedTensor) -> tuple[str, int, int]:
+    assert item.source is not None  # base tensors always have one
+    return item.source, 0, item.shape[0]
+
+
+def _fused_rows(attention: Any, q: PlannedTensor, k: PlannedTensor, v: PlannedTensor) -> Rows:
     """q, k and v as litert-torch's fused projection splits them: whole (q heads, k heads, v heads)
     when it splits heads before groups (`qkv_transpose_before_split`, Gemma 2 and 3) or is not
     interleaved, else per KV group (q heads of the group, its k, its v)."""
     if attention.qkv_transpose_before_split or not attention.qkv_fused_interleaved:
-        return torch.cat([q, k, v])
+        return _whole(q), _whole(k), _whole(v)
     groups = attention.num_query_groups
-    parts = zip(q.chunk(groups), k.chunk(groups), v.chunk(groups))
-    return torch.cat([t for group in parts for t in group])
+    return tuple((name, g * (stop // groups), (g + 1) * (stop // groups))
+                 for g in range(groups) for name, _, stop in map(_whole, (q, k, v)))
 
 
 def planned_slots(plan: ConversionPlan) -> dict[tuple[int | None, str], PlannedTensor]:
@@ -86,13 +94,16 @@ def planned_slots(plan: ConversionPlan) -> dict[tuple[int | None, str], PlannedT
     return slots
 
 
-def _read(plan: ConversionPlan, item: PlannedTensor) -> torch.Tensor:
-    assert item.source is not None  # base tensors always have one
-    with plan.source.rows(item.source, 0, item.shape[0]) as rows:
-        values = rows.to(torch.float32).clone()
-    if not bool(torch.isfinite(values).all()):
-        raise ConversionError(f"tensor {item.source} has NaN or Inf values")
-    return values
+def read_rows(plan: ConversionPlan, rows: Rows) -> torch.Tensor:
+    """The rows (of 1-D tensors: the elements) stacked, as float32."""
+    parts = []
+    for name, start, stop in rows:
+        with plan.source.rows(name, start, stop) as chunk:
+            values = chunk.to(torch.float32)
+            parts.append((values[start:stop] if values.dim() == 1 else values).clone())
+        if not bool(torch.isfinite(parts[-1]).all()):
+            raise ConversionError(f"tensor {name} has NaN or Inf values")
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _param_name(weight: str, layer: int | None, slot: str) -> str:
@@ -113,23 +124,29 @@ def parameter_names(plan: ConversionPlan) -> dict[tuple[int | None, str], str]:
     return names
 
 
-def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> None:
-    """Read every planned tensor (merged with the adapter under --merge-lora) into the model."""
+def weight_rows(plan: ConversionPlan, config: Any) -> dict[str, Rows]:
+    """Every graph parameter and the checkpoint rows it holds (merged with the adapter under
+    --merge-lora, through the plan's source); a tied lm_head holds the embedding's."""
     slots, names = planned_slots(plan), parameter_names(plan)
-    state: dict[str, torch.Tensor] = {}
+    rows: dict[str, Rows] = {}
     for key, item in slots.items():
         if key[1].removesuffix(".bias") not in ("q", "k", "v"):
-            state[names[key]] = _read(plan, item)
+            rows[names[key]] = (_whole(item),)
     for layer in range(plan.dims.num_layers):
         attention = config.block_config(layer).attn_config
         for q_slot in ("q", "q.bias"):
             if (layer, q_slot) in slots:
                 suffix = q_slot.removeprefix("q")
-                q, k, v = (_read(plan, slots[(layer, s + suffix)]) for s in "qkv")
-                state[names[(layer, q_slot)]] = _fuse_qkv(attention, q, k, v)
+                q, k, v = (slots[(layer, s + suffix)] for s in "qkv")
+                rows[names[(layer, q_slot)]] = _fused_rows(attention, q, k, v)
     if (None, "lm_head") not in slots:
-        state["lm_head.weight"] = state["tok_embedding.weight"]
-    result = model.load_state_dict(state, strict=False, assign=True)  # a tied lm_head shares the embedding's storage
+        rows["lm_head.weight"] = rows["tok_embedding.weight"]
+    return rows
+
+
+def load_tensors(plan: ConversionPlan, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Assign `state` to the model's parameters; every parameter must be filled, none left over."""
+    result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ConversionError(f"--backend cpu: {plan.family.name}'s CPU graph has no parameter "
                               f"{', '.join(result.unexpected_keys[:5])}")
@@ -138,6 +155,17 @@ def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> N
         raise ConversionError(f"--backend cpu: {plan.family.name}'s CPU graph has tensors no checkpoint tensor fills: "
                               f"{', '.join(left[:5])}")
     model.eval()
+
+
+def load_weights(plan: ConversionPlan, model: torch.nn.Module, config: Any) -> None:
+    """Read every planned tensor into the model (a tied lm_head shares the embedding's storage)."""
+    read: dict[Rows, torch.Tensor] = {}
+    state = {}
+    for name, rows in weight_rows(plan, config).items():
+        if rows not in read:
+            read[rows] = read_rows(plan, rows)
+        state[name] = read[rows]
+    load_tensors(plan, model, state)
 
 
 class _LoRAAttention(torch.nn.Module):
