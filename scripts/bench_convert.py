@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import ROOT, Measured, ensure_checkpoint, gib, oracle_python, run_measured  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from converter import quantize  # noqa: E402
+from converter import files, quantize  # noqa: E402
 from converter.checkpoint import SafetensorsSource  # noqa: E402
 from converter.convert import rows_per_chunk  # noqa: E402
 from converter.models import find_model_type  # noqa: E402
@@ -75,7 +75,8 @@ def quantize_floor(folder: Path, bits: int) -> float:
 
 
 def write_floor(folder: Path, nbytes: int) -> float:
-    """Seconds to write and fsync `nbytes` in 16 MiB pwrites, as the converter writes its output."""
+    """Seconds to write and fsync `nbytes` in 16 MiB pwrites, each block's writeback started once
+    written, as the converter writes its output (one thread, no computing)."""
     path = folder / "write-floor.tmp"
     block = bytes(16 << 20)
     start = time.perf_counter()
@@ -83,6 +84,7 @@ def write_floor(folder: Path, nbytes: int) -> float:
     try:
         for offset in range(0, nbytes, len(block)):
             os.pwrite(fd, block[: nbytes - offset], offset)
+            files.start_writeback(fd, offset, len(block))
         os.fsync(fd)
     finally:
         os.close(fd)
