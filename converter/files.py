@@ -2,6 +2,7 @@
 written, bounded reads, JSON objects in, atomic output (temporary name, renamed when complete) out."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -21,6 +22,10 @@ KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character dev
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 _partials_fd: int | None = None  # where temporary names are reported (the supervisor's pipe)
 _groups: list["OutputGroup"] = []  # the open output groups, innermost last
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing the range's dirty pages, do not wait
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)  # Linux only
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def _named(path: Path | str, option: str | None) -> str:
@@ -211,6 +216,15 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing bytes [offset, offset + length) of `fd` to disk now, without waiting (Linux;
+    elsewhere nothing). A file written in parts this way, each part once it is complete, is
+    mostly on disk when `atomic_output` syncs it, so the disk works while the caller computes
+    the next part instead of after the last one."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # advisory: errors show at the fsync
+
+
 def _created_folders(folder: Path) -> list[Path]:
     """Make `folder` and its missing parents; returns those it made, innermost first."""
     missing = []
@@ -275,6 +289,10 @@ def atomic_output(path: Path, option: str | None = None) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "w+b") as handle:
             yield handle
             handle.flush()
+            # Kept although a rename alone already covers interrupts: after a power loss the renamed
+            # file could hold zeros where its data never reached the disk, and still load. Writers
+            # that start_writeback each part as it completes leave this little to wait for (GEMMA_2B
+            # int8: 0.1 s instead of 4-6 s after the last write on the 2-core test machine).
             os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~current_umask())
         with signals_held():

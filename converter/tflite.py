@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import queue
 import struct
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from . import quantize
 from .errors import ConversionError
-from .files import atomic_output
+from .files import atomic_output, start_writeback
 from .proto import llm_params_pb2
 
 FILE_IDENTIFIER = b"TFL3"
@@ -205,8 +206,10 @@ class WeightFileWriter:
     The file is sized and its flatbuffer written first; tensor bytes then go straight to their
     final offsets with `pwrite` (nothing of the output is mapped into this process), either at
     once (`write`) or, for column blocks filled in a `stage` buffer, by a background thread
-    (`write_stage`) while the caller fills the next. On a clean exit the pending writes finish and
-    the temporary file is renamed over `path`; on an exception it is removed.
+    (`write_stage`) while the caller fills the next. Once all of a tensor's bytes are written, their
+    write to disk starts (`files.start_writeback`), so the sync before the rename finds little left.
+    On a clean exit the pending writes finish and the temporary file is renamed over `path`; on an
+    exception it is removed.
     """
 
     def __init__(self, path: Path, subgraph_name: str, tensors: list[TensorSpec],
@@ -217,6 +220,8 @@ class WeightFileWriter:
         if len(self._specs) != len(tensors):
             raise ConversionError(f"{path}: duplicate tensor names in the output plan")
         self._blobs = [v for _, v in metadata if isinstance(v, bytes)]
+        self._unwritten = {spec.name: spec.nbytes for spec in tensors}
+        self._counting = threading.Lock()  # tensors are written from the caller's and the background thread
         self._fd: int | None = None
         self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._buffers = 0
@@ -245,6 +250,7 @@ class WeightFileWriter:
         if start + data.nbytes > spec.nbytes:
             raise ValueError(f"{name}: {data.nbytes} bytes at {start} overflow its {spec.nbytes}")
         self._pwrite(np.ascontiguousarray(data), offset + start)
+        self._written(name, data.nbytes)
 
     def write_columns(self, name: str, block: np.ndarray, column: int) -> None:
         """Write a 2-D byte block into tensor `name` seen as rows of equal length, from byte `column`.
@@ -257,9 +263,19 @@ class WeightFileWriter:
         row_length = spec.nbytes // rows
         if column == 0 and width == row_length and block.flags.c_contiguous:
             self._pwrite(block, offset)
-            return
-        for k in range(rows):
-            self._pwrite(np.ascontiguousarray(block[k]), offset + k * row_length + column)
+        else:
+            for k in range(rows):
+                self._pwrite(np.ascontiguousarray(block[k]), offset + k * row_length + column)
+        self._written(name, block.nbytes)
+
+    def _written(self, name: str, nbytes: int) -> None:
+        """Count `nbytes` of tensor `name` as written; start its writeback once all are."""
+        with self._counting:
+            self._unwritten[name] -= nbytes
+            complete = self._unwritten[name] == 0
+        if complete:
+            spec, offset = self._specs[name]
+            start_writeback(self._fd, offset, spec.nbytes)
 
     def stage(self, rows: int, width: int) -> np.ndarray:
         """A `[rows, width]` byte buffer to fill and hand to `write_stage`; waits while all

@@ -5,8 +5,9 @@
     python scripts/bench_convert.py --preset GEMMA_7B --workdir /work/big/bench-7b --versus GEMMA_2B  # 17 GB
     python scripts/bench_convert.py --backend cpu         # GEMMA_2B int8 CPU graph vs litert-torch's export
 
-Both read the checkpoint from a warm page cache; outputs are deleted and `sync`ed before each
-run so neither pays for the other's write-back. Prints wall time (median) and peak RSS of each,
+Both read the checkpoint from a warm page cache and take turns (ours, MediaPipe, ours, ...), so
+both see the same load from other jobs; outputs are deleted and `sync`ed before each run so
+neither pays for the other's write-back. Prints wall time (median) and peak RSS of each,
 the ratios (MediaPipe / ours), and the machine's floor measured in the same run: reading the
 checkpoint from page cache, quantizing every matrix in one thread (compiled kernel, no writes),
 and writing (and syncing) as many bytes as our output. MediaPipe is not run where it cannot
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oracle import ROOT, Measured, ensure_checkpoint, gib, oracle_python, run_measured  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from converter import quantize  # noqa: E402
+from converter import files, quantize  # noqa: E402
 from converter.checkpoint import SafetensorsSource  # noqa: E402
 from converter.convert import rows_per_chunk  # noqa: E402
 from converter.models import find_model_type  # noqa: E402
@@ -79,7 +80,8 @@ def quantize_floor(folder: Path, bits: int) -> float:
 
 
 def write_floor(folder: Path, nbytes: int) -> float:
-    """Seconds to write and fsync `nbytes` in 16 MiB pwrites, as the converter writes its output."""
+    """Seconds to write and fsync `nbytes` in 16 MiB pwrites, each block's writeback started once
+    written, as the converter writes its output (one thread, no computing)."""
     path = folder / "write-floor.tmp"
     block = bytes(16 << 20)
     start = time.perf_counter()
@@ -87,6 +89,7 @@ def write_floor(folder: Path, nbytes: int) -> float:
     try:
         for offset in range(0, nbytes, len(block)):
             os.pwrite(fd, block[: nbytes - offset], offset)
+            files.start_writeback(fd, offset, len(block))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -101,18 +104,39 @@ def fresh(folder: Path) -> None:
     subprocess.run(["sync"], check=False)
 
 
-def measure(command: list[str], out: Path, repeat: int) -> tuple[list[Measured], int]:
-    """The runs, and the bytes of the output files."""
-    runs = []
-    for _ in range(repeat):
-        fresh(out)
-        run = run_measured(command, cwd=ROOT)
-        if run.returncode:
-            raise SystemExit(f"failed ({run.returncode}): {' '.join(command)}")
-        runs.append(run)
+def run_once(command: list[str], out: Path) -> Measured:
+    fresh(out)
+    run = run_measured(command, cwd=ROOT)
+    if run.returncode:
+        raise SystemExit(f"failed ({run.returncode}): {' '.join(command)}")
+    return run
+
+
+def output_bytes(out: Path) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*.bin"))
     fresh(out)
-    return runs, size
+    return size
+
+
+def measure(command: list[str], out: Path, repeat: int) -> tuple[list[Measured], int]:
+    """The runs, and the bytes of the output files."""
+    runs = [run_once(command, out) for _ in range(repeat)]
+    return runs, output_bytes(out)
+
+
+def measure_in_turns(ours: list[str], our_out: Path, repeat: int, theirs: list[str], their_out: Path,
+                     their_repeat: int) -> tuple[list[Measured], int, list[Measured]]:
+    """Our runs and theirs taking turns (ours, theirs, ours, ...), so that both see the same load
+    from whatever else runs on the machine; and the bytes of our output."""
+    our_runs: list[Measured] = []
+    their_runs: list[Measured] = []
+    for turn in range(max(repeat, their_repeat)):
+        if turn < repeat:
+            our_runs.append(run_once(ours, our_out))
+        if turn < their_repeat:
+            their_runs.append(run_once(theirs, their_out))
+    fresh(their_out)
+    return our_runs, output_bytes(our_out), their_runs
 
 
 def summary(label: str, runs: list[Measured]) -> tuple[float, int]:
@@ -235,10 +259,17 @@ def main(backend: str, workdir: Path, preset: str, quantization: str, lora_rank:
         theirs += ["--lora-ckpt", str(adapter), "--lora-rank", str(lora_rank),
                    "--lora-output-tflite-file", str(theirs_out / "lora.bin")]
     click.echo(f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    runnable = bool(mediapipe_repeat) and preset not in MEDIAPIPE_CANNOT_RUN
     warm(checkpoint)
-    our_runs, written = measure(ours, ours_out, repeat)
+    our_runs, written, their_runs = measure_in_turns(ours, ours_out, repeat, theirs, theirs_out,
+                                                     mediapipe_repeat if runnable else 0)
     our_time, our_peak = summary("ours", our_runs)
     click.echo(f"ours peak RSS under {gib(RSS_TARGET)}: {'yes' if our_peak < RSS_TARGET else 'NO'}")
+    if runnable:
+        mp_time, mp_peak = summary("MediaPipe 0.10.21", their_runs)
+        click.echo(f"ratios (MediaPipe / ours): wall {mp_time / our_time:.1f}x, peak RSS {mp_peak / our_peak:.1f}x")
+    elif mediapipe_repeat:
+        click.echo(f"MediaPipe 0.10.21: not run for {preset}: {MEDIAPIPE_CANNOT_RUN[preset]}")
     floors = {"read (page cache)": warm(checkpoint),
               "read+quantize, 1 thread": quantize_floor(checkpoint, int(quantization.removeprefix("int"))),
               f"write+fsync {written / 1e9:.2f} GB": write_floor(workdir, written)}
@@ -251,12 +282,6 @@ def main(backend: str, workdir: Path, preset: str, quantization: str, lora_rank:
         warm(other)
         other_time, _ = summary(f"ours {versus}", measure(command, ours_out, repeat)[0])
         click.echo(f"ratio {preset} / {versus} (ours): wall {our_time / other_time:.2f}x")
-    if mediapipe_repeat and preset in MEDIAPIPE_CANNOT_RUN:
-        click.echo(f"MediaPipe 0.10.21: not run for {preset}: {MEDIAPIPE_CANNOT_RUN[preset]}")
-    elif mediapipe_repeat:
-        warm(checkpoint)
-        mp_time, mp_peak = summary("MediaPipe 0.10.21", measure(theirs, theirs_out, mediapipe_repeat)[0])
-        click.echo(f"ratios (MediaPipe / ours): wall {mp_time / our_time:.1f}x, peak RSS {mp_peak / our_peak:.1f}x")
     click.echo(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
-from converter import tflite
+from converter import files, tflite
 from converter.errors import ConversionError
 
 METADATA = [
@@ -87,6 +88,38 @@ def test_staged_blocks_are_written_in_the_background_into_their_columns(tmp_path
             writer.write_stage("t", stage, column)
         assert writer._buffers <= tflite.STAGES  # buffers are reused once written
     assert np.array_equal(np.asarray(tflite.WeightFile(path).raw("t")).reshape(4, 64), expected)
+
+
+def test_writeback_starts_once_per_tensor_when_all_its_bytes_are_written(tmp_path, monkeypatch):
+    path = tmp_path / "w.bin"
+    specs = [tflite.TensorSpec("t", tflite.INT8, 4 * 64), tflite.TensorSpec("s", tflite.FLOAT32, 16)]
+    expected = np.random.default_rng(1).integers(0, 256, (4, 64), dtype=np.uint8)
+    started = []  # (offset, length, the file's bytes there at that moment)
+    monkeypatch.setattr(tflite, "start_writeback",
+                        lambda fd, offset, length: started.append((offset, length, os.pread(fd, length, offset))))
+    with tflite.WeightFileWriter(path, "GEMMA_2B", specs, METADATA) as writer:
+        for column in range(0, 64, 16):
+            assert started == []
+            stage = writer.stage(4, 16)
+            stage[:] = expected[:, column:column + 16]
+            writer.write_stage("t", stage, column)
+        writer.write("s", np.arange(2, dtype=np.float32))
+        writer.write("s", np.arange(2, 4, dtype=np.float32), 8)
+    stored = tflite.WeightFile(path)
+    assert sorted(started) == [(stored.entry("t").offset, 256, expected.tobytes()),  # in either order: two threads
+                               (stored.entry("s").offset, 16, np.arange(4, dtype=np.float32).tobytes())]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_keeps_the_bytes(tmp_path):
+    data = np.random.default_rng(2).integers(0, 256, 8 << 20, dtype=np.uint8)
+    with open(tmp_path / "f", "wb") as handle:
+        handle.write(data.tobytes())
+        handle.flush()
+        files.start_writeback(handle.fileno(), 0, data.nbytes)
+        os.fsync(handle.fileno())
+    assert (tmp_path / "f").read_bytes() == data.tobytes()
+    assert files._sync_file_range is not None
 
 
 def test_a_failed_background_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
