@@ -216,6 +216,15 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of `data` (C-contiguous bytes or array) at `offset` of `fd`: `os.pwrite` may write
+    fewer bytes than asked."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing bytes [offset, offset + length) of `fd` to disk now, without waiting (Linux;
     elsewhere nothing). A file written in parts this way, each part once it is complete, is

@@ -34,7 +34,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from . import quantize
 from .errors import ConversionError
-from .files import atomic_output, start_writeback
+from .files import atomic_output, pwrite_all, start_writeback
 from .proto import llm_params_pb2
 
 FILE_IDENTIFIER = b"TFL3"
@@ -239,10 +239,7 @@ class WeightFileWriter:
         return self
 
     def _pwrite(self, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        pwrite_all(self._fd, data, offset)
 
     def write(self, name: str, data: np.ndarray, start: int = 0) -> None:
         """Write contiguous bytes into tensor `name`, `start` bytes into it."""

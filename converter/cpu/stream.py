@@ -21,7 +21,6 @@ the TFLite converter quantizes per channel; no matrix is ever held whole in memo
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ import torch
 from ai_edge_litert import schema_py_generated as schema
 
 from ..errors import ConversionError
+from ..files import pwrite_all
 from ..plan import ConversionPlan
 from ..tflite import roundup
 from .graph import Rows, load_tensors, read_rows, weight_rows
@@ -301,13 +301,6 @@ def find_matrices(data: bytes, count: int, label: str) -> list[_Slots]:
     return slots
 
 
-def _pwrite(fd: int, data: np.ndarray, position: int) -> None:
-    view = np.ascontiguousarray(data).data.cast("B")
-    while view:
-        written = os.pwrite(fd, view, position)
-        view, position = view[written:], position + written
-
-
 def _stream_matrix(plan: ConversionPlan, name: str, rows: Rows, slot: _Slots, fd: int) -> None:
     """Quantize `rows` (stacked) into the matrix's buffers and scales."""
     assert slot.shape is not None
@@ -327,11 +320,11 @@ def _stream_matrix(plan: ConversionPlan, name: str, rows: Rows, slot: _Slots, fd
                     raise ConversionError(f"tensor {source} has NaN or Inf values (rows {start}-{stop - 1})")
                 q, scale = quantize_rows(chunk)
             for position, _ in slot.data:
-                _pwrite(fd, q, position + (row + start - first) * cols)
+                pwrite_all(fd, q, position + (row + start - first) * cols)
             scales[row + start - first: row + stop - first] = scale
         row += end - first
     for position in slot.scales:
-        _pwrite(fd, scales, position)
+        pwrite_all(fd, scales, position)
 
 
 def write_model(output: BinaryIO, plan: ConversionPlan, model: Unshared,
