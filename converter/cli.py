@@ -6,7 +6,7 @@ import sys
 import click
 
 from . import config as options
-from . import hub
+from . import heap, hub
 from .config import ConversionConfig
 from .convert import execute
 from .detect import infer_model_type, resolve_ckpt_format
@@ -265,6 +265,7 @@ def main(dry_run: bool, quiet: bool, check_adapter: str | None, **kwargs) -> Non
             print_plan(plan)
             return
         total = sum(item.nbytes for item in plan.base + (plan.lora or []))
+        heap.unmap_big_buffers_on_free()
         with progress_bar(total, quiet) as bar:
             result = execute(plan, bar.update)
     except ConversionError as exc:
