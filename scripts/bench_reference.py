@@ -9,8 +9,10 @@ peak RSS is its own): `integer`, the runtime as shipped (int8 kept as integers, 
 and `dequantized`, the approach it replaced (every matrix dequantized to float32 at load,
 `x @ W.T`). Per strategy, generating greedily as `lora-run` does (harness.generate): load seconds, prompt
 tokens/s (the prompt's forward pass and first token), generation tokens/s (median time between
-tokens) and peak RSS; then the ratios, and ours against llama.cpp's recorded figures (`ANCHORS`:
-llama.cpp is not built here). With a LoRA file (converted with the model when the script makes it),
+tokens) and peak RSS; then the ratios, and ours against llama.cpp Q8_0 on the same shape, measured in
+the same run by scripts/llama_cpp.py (built from source once, into WORKDIR/llama.cpp) with the same
+prompt length, generated tokens and threads, or, where it cannot be built or run, against its recorded
+figures (`ANCHORS`) with the reason. With a LoRA file (converted with the model when the script makes it),
 the integer run also adds it 4 times under 4 names (`lora-run --lora a=... --lora b=...`) and reports
 the memory each extra adapter takes and what switching adapters between requests costs: the same
 short request with each adapter in turn, against the base model's.
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -40,8 +43,8 @@ WORKDIR = Path(tempfile.gettempdir()) / "lora-convert-bench"  # shared with benc
 STRATEGIES = ("integer", "dequantized")
 ADAPTERS = 4
 REQUEST, REQUEST_TOKENS = "The quick brown fox", 6  # the adapters' requests: prompt, tokens generated at most
-# llama.cpp Q8_0 on the GEMMA_2B shape, 2 threads (`llama-bench` pp512/tg128, load from page cache):
-# recorded on the same kind of machine, not measured by this script.
+# llama.cpp Q8_0 on the GEMMA_2B shape, 2 threads (`llama-bench` pp512/tg128, load from page cache), recorded
+# on another machine: the fallback when scripts/llama_cpp.py cannot build or run llama.cpp here.
 ANCHORS = {"load_s": 0.4, "prompt_tok_s": 47.5, "generate_tok_s": 6.3, "peak_rss": 2.7e9}
 
 
@@ -164,19 +167,38 @@ def tiny_model(folder: Path) -> Path:
                                     quantization="int8")).output
 
 
-def report(title: str, results: dict[str, dict], anchors: bool = False) -> None:
+def llama_cpp_figures(workdir: Path, threads: int, prompt_tokens: int, generate_tokens: int) -> tuple[str, dict]:
+    """llama.cpp Q8_0 on the GEMMA_2B-shaped checkpoint, measured now (see scripts/llama_cpp.py), or, with
+    the reason, its recorded figures."""
+    import llama_cpp
+
+    checkpoint, _, _ = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b", lora_rank=8)
+    cache = workdir / "llama.cpp"
+    try:
+        click.echo(f"llama.cpp: building llama-bench in {cache} (once) and converting to Q8_0 (once)", err=True)
+        binary, _ = llama_cpp.llama_bench(cache)
+        model = checkpoint.with_name(f"{checkpoint.name}-q8_0.gguf")
+        llama_cpp.gguf(checkpoint, model, cache)
+        figures = llama_cpp.measure(model, binary, threads, prompt_tokens, generate_tokens)
+    except llama_cpp.Unavailable as exc:
+        return f"recorded pp512/tg128, not this run: {exc}", ANCHORS
+    return f"this run, llama-bench pp{figures.prompt_tokens}/tg{figures.generated}", asdict(figures)
+
+
+def report(title: str, results: dict[str, dict], llama: tuple[str, dict] | None = None) -> None:
     click.echo(title)
     for strategy, r in results.items():
         click.echo(f"  {strategy:12} load {r['load_s']:6.2f} s   prompt ({r['prompt_tokens']}) {r['prompt_tok_s']:8.1f} tok/s   "
                    f"generation ({r['generated']}) {r['generate_tok_s']:8.2f} tok/s ({r['step_ms']:.2f} ms/token)   "
                    f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / 1e9:.2f} GB)")
     ours = results["integer"]
-    if anchors:
-        click.echo(f"  llama.cpp Q8_0 (recorded, not this run): load {ANCHORS['load_s']} s, prompt "
-                   f"{ANCHORS['prompt_tok_s']} tok/s, generation {ANCHORS['generate_tok_s']} tok/s, peak RSS "
-                   f"{ANCHORS['peak_rss'] / 1e9} GB; ours / llama.cpp: load time {ours['load_s'] / ANCHORS['load_s']:.1f}x, "
-                   f"prompt speed {ours['prompt_tok_s'] / ANCHORS['prompt_tok_s']:.2f}x, generation speed "
-                   f"{ours['generate_tok_s'] / ANCHORS['generate_tok_s']:.2f}x, peak RSS {ours['peak_rss'] / ANCHORS['peak_rss']:.2f}x")
+    if llama:
+        label, anchor = llama
+        click.echo(f"  llama.cpp Q8_0 ({label}): load {anchor['load_s']:.2f} s, prompt "
+                   f"{anchor['prompt_tok_s']:.1f} tok/s, generation {anchor['generate_tok_s']:.2f} tok/s, peak RSS "
+                   f"{anchor['peak_rss'] / 1e9:.2f} GB; ours / llama.cpp: load time {ours['load_s'] / anchor['load_s']:.1f}x, "
+                   f"prompt speed {ours['prompt_tok_s'] / anchor['prompt_tok_s']:.2f}x, generation speed "
+                   f"{ours['generate_tok_s'] / anchor['generate_tok_s']:.2f}x, peak RSS {ours['peak_rss'] / anchor['peak_rss']:.2f}x")
     if "adapters" in ours:
         a = ours["adapters"]
         click.echo(f"  {ADAPTERS} adapters ({a['file_bytes'] / 2**20:.1f} MiB file each): {a['add_s'] * 1000:.0f} ms and "
@@ -205,9 +227,12 @@ def report(title: str, results: dict[str, dict], anchors: bool = False) -> None:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also run the dequantize-to-float32 strategy (about 10 GiB for GEMMA_2B).")
 @click.option("--big/--tiny-only", default=True, show_default=True, help="Also run the GEMMA_2B-shaped file.")
+@click.option("--llama-cpp/--no-llama-cpp", default=True, show_default=True,
+              help="Also measure llama.cpp Q8_0 on WORKDIR's GEMMA_2B-shaped checkpoint (made if missing), building "
+                   "it and the GGUF once under WORKDIR; when it cannot, or with --no-llama-cpp: its recorded figures.")
 @click.option("--child", type=click.Choice(STRATEGIES), default=None, hidden=True)
 def main(workdir: Path, model_path: Path | None, lora_path: Path | None, prompt_tokens: int, generate_tokens: int,
-         baseline: bool, big: bool, child: str | None) -> None:
+         baseline: bool, big: bool, llama_cpp: bool, child: str | None) -> None:
     if child:
         assert model_path is not None  # in_child passes it
         click.echo(json.dumps(measure(model_path, child, prompt_tokens, generate_tokens, lora_path)))
@@ -222,8 +247,11 @@ def main(workdir: Path, model_path: Path | None, lora_path: Path | None, prompt_
         if model_path is None:
             model_path, lora_path = workdir / "gemma-2b-int8.bin", workdir / "gemma-2b-lora8.bin"
             ensure_model(model_path, lora_path, workdir)
+        results = {s: in_child(model_path, s, prompt_tokens, generate_tokens, lora_path) for s in strategies}
+        llama = (llama_cpp_figures(workdir, torch_threads(), prompt_tokens, generate_tokens) if llama_cpp
+                 else ("recorded pp512/tg128, not this run: --no-llama-cpp", ANCHORS))
         report(f"GEMMA_2B shape, int8, {model_path.stat().st_size / 1e9:.2f} GB file, {torch_threads()} threads:",
-               {s: in_child(model_path, s, prompt_tokens, generate_tokens, lora_path) for s in strategies}, anchors=True)
+               results, llama)
     click.echo(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
