@@ -168,11 +168,34 @@ def llama_bench(cache: Path = CACHE) -> tuple[Path, float]:
     return binary, configure + build
 
 
+def with_architecture(checkpoint: Path, cache: Path) -> Path:
+    """`checkpoint`, or where its config.json names no `architectures` (scripts/make_checkpoint.py's do not),
+    a folder in `cache` of links to its files beside a config.json naming transformers' causal LM class
+    for its `model_type`: convert_hf_to_gguf.py picks its converter by that name."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("architectures"):
+        return checkpoint
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise Unavailable(f"{checkpoint / 'config.json'}: no architectures and no known causal LM model_type")
+    folder = cache / "checkpoint"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.name != "config.json":
+            (folder / path.name).symlink_to(path.resolve())
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def gguf(checkpoint: Path, output: Path, cache: Path = CACHE) -> float:
     """Convert the Hugging Face `checkpoint` folder to a Q8_0 `output` GGUF if missing; seconds (0 if reused)."""
     if output.is_file():
         return 0.0
     src = source(cache)
+    checkpoint = with_architecture(checkpoint, cache)
     temp = output.with_name(f".{output.name}.partial")
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
     try:

@@ -81,3 +81,20 @@ def test_run_peak_rss_is_the_childs(tmp_path: Path) -> None:
     seconds, peak = llama_cpp.run("bench", [sys.executable, "-c", "b = bytearray(300 << 20); print(len(b))"], output=out)
     assert out.read_text() == f"{300 << 20}\n"
     assert 300 << 20 < peak < 600 << 20 and seconds > 0
+
+
+def test_checkpoint_without_architectures_is_linked_with_one(tmp_path: Path) -> None:
+    checkpoint, cache = tmp_path / "ckpt", tmp_path / "cache"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gemma", "vocab_size": 8}))
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    folder = llama_cpp.with_architecture(checkpoint, cache)
+    assert folder.parent == cache and json.loads((folder / "config.json").read_text()) == {
+        "model_type": "gemma", "vocab_size": 8, "architectures": ["GemmaForCausalLM"]}
+    assert (folder / "model.safetensors").resolve() == (checkpoint / "model.safetensors").resolve()
+    assert json.loads((checkpoint / "config.json").read_text()) == {"model_type": "gemma", "vocab_size": 8}
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    assert llama_cpp.with_architecture(checkpoint, cache) == checkpoint
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(llama_cpp.Unavailable, match="config.json: no architectures and no known causal LM model_type$"):
+        llama_cpp.with_architecture(checkpoint, cache)
