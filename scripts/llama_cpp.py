@@ -194,9 +194,9 @@ def gguf(checkpoint: Path, output: Path, cache: Path = CACHE) -> float:
     """Convert the Hugging Face `checkpoint` folder to a Q8_0 `output` GGUF if missing; seconds (0 if reused)."""
     if output.is_file():
         return 0.0
-    src = source(cache)
-    checkpoint = with_architecture(checkpoint, cache)
-    temp = output.with_name(f".{output.name}.partial")
+    src = source(cache).resolve()  # the converter runs there: paths it gets are absolute
+    checkpoint = with_architecture(checkpoint.resolve(), cache)
+    temp = output.resolve().with_name(f".{output.name}.partial")
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
     try:
         seconds, _ = run("convert", [sys.executable, str(src / "convert_hf_to_gguf.py"), str(checkpoint),
