@@ -173,11 +173,10 @@ def llama_cpp_figures(workdir: Path, threads: int, prompt_tokens: int, generate_
     import llama_cpp
 
     checkpoint, _, _ = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b", lora_rank=8)
-    cache = workdir / "llama.cpp"
+    cache, model = workdir / "llama.cpp", checkpoint.with_name(f"{checkpoint.name}-q8_0.gguf")
     try:
-        click.echo(f"llama.cpp: building llama-bench in {cache} (once) and converting to Q8_0 (once)", err=True)
+        click.echo(f"llama.cpp: llama-bench in {cache} on {model} (built and converted on first use)", err=True)
         binary, _ = llama_cpp.llama_bench(cache)
-        model = checkpoint.with_name(f"{checkpoint.name}-q8_0.gguf")
         llama_cpp.gguf(checkpoint, model, cache)
         figures = llama_cpp.measure(model, binary, threads, prompt_tokens, generate_tokens)
     except llama_cpp.Unavailable as exc:
