@@ -10,7 +10,7 @@ and `dequantized`, the approach it replaced (every matrix dequantized to float32
 `x @ W.T`). Per strategy, generating greedily as `lora-run` does (harness.generate): load seconds, prompt
 tokens/s (the prompt's forward pass and first token), generation tokens/s (median time between
 tokens) and peak RSS; then the ratios, and ours against llama.cpp Q8_0 on the same shape, measured in
-the same run by scripts/llama_cpp.py (built from source once, into WORKDIR/llama.cpp) with the same
+the same run by scripts/llama_bench.py (built from source once, into WORKDIR/llama.cpp) with the same
 prompt length, generated tokens and threads, or, where it cannot be built or run, against its recorded
 figures (`ANCHORS`) with the reason. With a LoRA file (converted with the model when the script makes it),
 the integer run also adds it 4 times under 4 names (`lora-run --lora a=... --lora b=...`) and reports
@@ -44,7 +44,7 @@ STRATEGIES = ("integer", "dequantized")
 ADAPTERS = 4
 REQUEST, REQUEST_TOKENS = "The quick brown fox", 6  # the adapters' requests: prompt, tokens generated at most
 # llama.cpp Q8_0 on the GEMMA_2B shape, 2 threads (`llama-bench` pp512/tg128, load from page cache), recorded
-# on another machine: the fallback when scripts/llama_cpp.py cannot build or run llama.cpp here.
+# on another machine: the fallback when scripts/llama_bench.py cannot build or run llama.cpp here.
 ANCHORS = {"load_s": 0.4, "prompt_tok_s": 47.5, "generate_tok_s": 6.3, "peak_rss": 2.7e9}
 
 
@@ -168,18 +168,18 @@ def tiny_model(folder: Path) -> Path:
 
 
 def llama_cpp_figures(workdir: Path, threads: int, prompt_tokens: int, generate_tokens: int) -> tuple[str, dict]:
-    """llama.cpp Q8_0 on the GEMMA_2B-shaped checkpoint, measured now (see scripts/llama_cpp.py), or, with
+    """llama.cpp Q8_0 on the GEMMA_2B-shaped checkpoint, measured now (see scripts/llama_bench.py), or, with
     the reason, its recorded figures."""
-    import llama_cpp
+    import llama_bench
 
     checkpoint, _, _ = ensure_checkpoint("GEMMA_2B", workdir / "gemma_2b", lora_rank=8)
     cache, model = workdir / "llama.cpp", checkpoint.with_name(f"{checkpoint.name}-q8_0.gguf")
     try:
         click.echo(f"llama.cpp: llama-bench in {cache} on {model} (built and converted on first use)", err=True)
-        binary, _ = llama_cpp.llama_bench(cache)
-        llama_cpp.gguf(checkpoint, model, cache)
-        figures = llama_cpp.measure(model, binary, threads, prompt_tokens, generate_tokens)
-    except llama_cpp.Unavailable as exc:
+        binary, _ = llama_bench.llama_bench(cache)
+        llama_bench.gguf(checkpoint, model, cache)
+        figures = llama_bench.measure(model, binary, threads, prompt_tokens, generate_tokens)
+    except llama_bench.Unavailable as exc:
         return f"recorded pp512/tg128, not this run: {exc}", ANCHORS
     return f"this run, llama-bench pp{figures.prompt_tokens}/tg{figures.generated}", asdict(figures)
 

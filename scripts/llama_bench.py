@@ -1,6 +1,6 @@
 """llama.cpp, built from source, as the same-run yardstick of scripts/bench_reference.py.
 
-    flock /tmp/heavy.lock python scripts/llama_cpp.py CHECKPOINT_FOLDER [--gguf X.gguf] [--cache DIR]
+    flock /tmp/heavy.lock python scripts/llama_bench.py CHECKPOINT_FOLDER [--gguf X.gguf] [--cache DIR]
 
 Fetches the pinned llama-cpp-python sdist with pip (it vendors llama.cpp's source; its sha256 is
 checked), extracts vendor/llama.cpp into the cache folder and builds only `llama-bench` there

@@ -1,4 +1,4 @@
-"""scripts/llama_cpp.py's pure parts: the instruction sets chosen from /proc/cpuinfo, llama-bench's
+"""scripts/llama_bench.py's pure parts: the instruction sets chosen from /proc/cpuinfo, llama-bench's
 JSON read, and the step runner's timeout, one-line failures and peak RSS (no build here)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import llama_cpp  # noqa: E402  (scripts/llama_cpp.py)
+import llama_bench  # noqa: E402  (scripts/llama_bench.py)
 
 ZNVER3 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -22,7 +22,7 @@ SAPPHIRE = "flags\t: sse4_2 avx avx2 fma f16c bmi2 avx512f avx512bw avx512_vnni 
 
 
 def options(text: str) -> dict[str, str]:
-    return dict(option.removeprefix("-D").split("=") for option in llama_cpp.isa_options(text))
+    return dict(option.removeprefix("-D").split("=") for option in llama_bench.isa_options(text))
 
 
 def test_isa_from_first_flags_line() -> None:
@@ -51,34 +51,34 @@ def bench_entry(prompt: int, generate: int, samples: list[float]) -> dict:
 
 def test_parse_bench_medians() -> None:
     text = json.dumps([bench_entry(106, 0, [40.0, 50.0, 45.0, 10.0, 47.0]), bench_entry(0, 16, [6.0, 7.0, 6.5])])
-    assert llama_cpp.parse_bench(text) == ((106, 45.0), (16, 6.5))
+    assert llama_bench.parse_bench(text) == ((106, 45.0), (16, 6.5))
 
 
 @pytest.mark.parametrize("text", ["not json", "[]", json.dumps([bench_entry(106, 0, [1.0])]),
                                   json.dumps([{"n_prompt": 1}, bench_entry(0, 16, [6.0])])])
 def test_parse_bench_refuses_in_one_line(text: str) -> None:
-    with pytest.raises(llama_cpp.Unavailable, match="^llama-bench printed unexpected JSON") as caught:
-        llama_cpp.parse_bench(text)
+    with pytest.raises(llama_bench.Unavailable, match="^llama-bench printed unexpected JSON") as caught:
+        llama_bench.parse_bench(text)
     assert "\n" not in str(caught.value)
 
 
 def test_run_failure_names_step_and_last_line() -> None:
-    with pytest.raises(llama_cpp.Unavailable) as caught:
-        llama_cpp.run("build", [sys.executable, "-c", "import sys; print('noise', file=sys.stderr); sys.exit('ninja: stopped')"])
+    with pytest.raises(llama_bench.Unavailable) as caught:
+        llama_bench.run("build", [sys.executable, "-c", "import sys; print('noise', file=sys.stderr); sys.exit('ninja: stopped')"])
     assert str(caught.value) == "build failed (exit 1: ninja: stopped)"
-    with pytest.raises(llama_cpp.Unavailable, match=r"^configure: cannot run /nonexistent/cmake \("):
-        llama_cpp.run("configure", ["/nonexistent/cmake"])
+    with pytest.raises(llama_bench.Unavailable, match=r"^configure: cannot run /nonexistent/cmake \("):
+        llama_bench.run("configure", ["/nonexistent/cmake"])
 
 
 def test_run_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(llama_cpp.TIMEOUTS, "bench", 0.5)
-    with pytest.raises(llama_cpp.Unavailable, match=r"^bench failed \(timed out after 0.5 s\)$"):
-        llama_cpp.run("bench", [sys.executable, "-c", "import time; time.sleep(30)"])
+    monkeypatch.setitem(llama_bench.TIMEOUTS, "bench", 0.5)
+    with pytest.raises(llama_bench.Unavailable, match=r"^bench failed \(timed out after 0.5 s\)$"):
+        llama_bench.run("bench", [sys.executable, "-c", "import time; time.sleep(30)"])
 
 
 def test_run_peak_rss_is_the_childs(tmp_path: Path) -> None:
     out = tmp_path / "out.txt"
-    seconds, peak = llama_cpp.run("bench", [sys.executable, "-c", "b = bytearray(300 << 20); print(len(b))"], output=out)
+    seconds, peak = llama_bench.run("bench", [sys.executable, "-c", "b = bytearray(300 << 20); print(len(b))"], output=out)
     assert out.read_text() == f"{300 << 20}\n"
     assert 300 << 20 < peak < 600 << 20 and seconds > 0
 
@@ -88,13 +88,13 @@ def test_checkpoint_without_architectures_is_linked_with_one(tmp_path: Path) -> 
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "gemma", "vocab_size": 8}))
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    folder = llama_cpp.with_architecture(checkpoint, cache)
+    folder = llama_bench.with_architecture(checkpoint, cache)
     assert folder.parent == cache and json.loads((folder / "config.json").read_text()) == {
         "model_type": "gemma", "vocab_size": 8, "architectures": ["GemmaForCausalLM"]}
     assert (folder / "model.safetensors").resolve() == (checkpoint / "model.safetensors").resolve()
     assert json.loads((checkpoint / "config.json").read_text()) == {"model_type": "gemma", "vocab_size": 8}
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
-    assert llama_cpp.with_architecture(checkpoint, cache) == checkpoint
+    assert llama_bench.with_architecture(checkpoint, cache) == checkpoint
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
-    with pytest.raises(llama_cpp.Unavailable, match="config.json: no architectures and no known causal LM model_type$"):
-        llama_cpp.with_architecture(checkpoint, cache)
+    with pytest.raises(llama_bench.Unavailable, match="config.json: no architectures and no known causal LM model_type$"):
+        llama_bench.with_architecture(checkpoint, cache)
