@@ -1,5 +1,5 @@
 """The row quantizer as one compiled pass (numba, when installed): the same bytes as
-`quantize.RowQuantizer`'s torch path, without its ten passes over each chunk.
+the torch path of `quantize.quantize_rows`, without its ten passes over each chunk.
 
 Per group of 4 rows it widens the stored words to float32 bits, finds each row's bound
 (`max|w|` on the bits: the order of |float| is the order of its bits without the sign),
