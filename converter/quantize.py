@@ -77,11 +77,13 @@ def quantize_rows(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale
 def _quantize_compiled(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale_out: torch.Tensor,
                        sum_out: torch.Tensor) -> None:
     assert fused.kernel is not None
-    wide = chunk.dtype != torch.bfloat16  # bf16 words widen by a shift; others go through float32
-    words = (chunk.to(torch.float32) if wide else chunk).contiguous().view(torch.uint16)
+    # bf16 words widen by a shift; other dtypes go through float32 bits.
+    words = chunk.contiguous().view(torch.uint16) if chunk.dtype == torch.bfloat16 else \
+        chunk.to(torch.float32).contiguous().view(torch.int32)
     cols = chunk.shape[1]
-    fused.kernel(words.numpy(), wide, bits, tiled_out.numpy(), scale_out.numpy(), sum_out.numpy(),
-                 np.empty((TILE, cols), np.uint32), np.empty(1, np.uint32), np.empty((TILE, cols), np.uint8))
+    fused.kernel(words.numpy().view(np.uint16 if words.dtype == torch.uint16 else np.uint32), bits,
+                 tiled_out.view(torch.int32).numpy().view(np.uint32), scale_out.numpy(), sum_out.numpy(),
+                 np.empty(cols, np.uint32), np.empty(1, np.uint32), np.empty((TILE, cols), np.uint8))
 
 
 def _quantize_torch(chunk: torch.Tensor, bits: int, tiled_out: torch.Tensor, scale_out: torch.Tensor,
