@@ -43,14 +43,27 @@ COLUMNS = 128  # outputs widened per sgemm block (measured best of 16-512 on 204
 
 def _matvec8(data: np.ndarray, pattern: np.ndarray, out: np.ndarray) -> None:
     """int8 tile4 bytes `data` [I/4, 4*O] times the activations' `pattern` [I/4, RUN] (each `x[4a + c]`
-    repeated 4 times, c = 0..3, repeated RUN/16 times) -> `out` [O] (unscaled)."""
+    repeated 4 times, c = 0..3, repeated RUN/16 times) -> `out` [O] (unscaled). Four rows of `a` per
+    pass over the accumulators (a quarter of their loads and stores), then the rest one by one."""
     rows, width = data.shape
     blocks = (width + BLOCK - 1) // BLOCK
     for block in numba.prange(blocks):
         start = block * BLOCK
         count = min(BLOCK, width - start)
         acc = np.zeros(count, np.float32)
-        for a in range(rows):
+        for a in range(0, rows - rows % 4, 4):
+            x0, x1, x2, x3 = pattern[a], pattern[a + 1], pattern[a + 2], pattern[a + 3]
+            for run in range(0, count, RUN):
+                end = min(count, run + RUN)
+                s0 = data[a, start + run: start + end]
+                s1 = data[a + 1, start + run: start + end]
+                s2 = data[a + 2, start + run: start + end]
+                s3 = data[a + 3, start + run: start + end]
+                into = acc[run: end]
+                for j in range(end - run):
+                    into[j] += (x0[j] * np.float32(np.int32(s0[j]) - 128) + x1[j] * np.float32(np.int32(s1[j]) - 128)) + \
+                        (x2[j] * np.float32(np.int32(s2[j]) - 128) + x3[j] * np.float32(np.int32(s3[j]) - 128))
+        for a in range(rows - rows % 4, rows):
             stored = data[a, start: start + count]
             x = pattern[a]
             for run in range(0, count, RUN):
@@ -117,11 +130,10 @@ def _widen(data: np.ndarray, start: int, count: int, bits: int, block: np.ndarra
 def _compile(kernel, parallel: bool = True):
     if numba is None:
         return None
-    options = dict(parallel=parallel, nogil=True, fastmath={"contract"})
     try:
-        return numba.njit(cache=True, **options)(kernel)
+        return numba.njit(cache=True, parallel=parallel, nogil=True, fastmath={"contract"})(kernel)
     except RuntimeError:  # no writable cache folder: compiled again in each process
-        return numba.njit(**options)(kernel)
+        return numba.njit(parallel=parallel, nogil=True, fastmath={"contract"})(kernel)
 
 
 KERNELS = {8: _compile(_matvec8), 4: _compile(_matvec4)}
@@ -169,7 +181,7 @@ class TiledLinear:
         repeat = self.bits // 2  # each x[4a + c] covers 4 (int8) or 2 (int4) bytes of a tile
         pattern = row.view(-1, TILE).repeat_interleave(repeat, 1).repeat(1, RUN // (TILE * repeat))
         out = torch.empty(self.out_features)
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         kernel(self.data.reshape(self.in_features // TILE, -1), pattern.numpy(), out.numpy())
         return out
 
