@@ -109,14 +109,15 @@ def _widen(data: np.ndarray, start: int, count: int, bits: int, block: np.ndarra
     """Output tiles `start .. start + count` of the tile4 bytes `data` [I/4, O/4, 4, bits/2] as float32
     `block` [I/4, 4(c) * count * 4(r)]: rows `4a + c` of `W.T` (unscaled), columns `4t + r`. Per `a`,
     each c's bytes of a tile (one `words` item) move to c-major order, then all widen in one flat
-    (vectorized) loop. `words` [4 * count, bits/2] is a work buffer."""
+    (vectorized) loop; rows of `a` in parallel. `words` [I/4, >= 4 * count, bits/2] is a work buffer."""
     rows = data.shape[0]
-    stored = words.reshape(-1)
     offset = np.float32(2 ** (bits - 1))
-    for a in range(rows):
+    for a in numba.prange(rows):
+        mine = words[a, :4 * count]
+        stored = mine.reshape(-1)
         for c in range(4):
             for t in range(count):
-                words[c * count + t] = data[a, start + t, c]
+                mine[c * count + t] = data[a, start + t, c]
         into = block[a]
         if bits == 8:
             for j in range(len(stored)):
@@ -137,7 +138,7 @@ def _compile(kernel, parallel: bool = True):
 
 
 KERNELS = {8: _compile(_matvec8), 4: _compile(_matvec4)}
-WIDEN = _compile(_widen, parallel=False)  # one thread: torch's sgemm runs between blocks
+WIDEN = _compile(_widen)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class TiledLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.float32)
         kernel = KERNELS[self.bits]
+        if numba is not None:
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         if kernel is not None and rows.shape[0] <= KERNEL_ROWS:
             y = torch.stack([self._kernel_row(kernel, row) for row in rows])
         else:
@@ -181,7 +184,6 @@ class TiledLinear:
         repeat = self.bits // 2  # each x[4a + c] covers 4 (int8) or 2 (int4) bytes of a tile
         pattern = row.view(-1, TILE).repeat_interleave(repeat, 1).repeat(1, RUN // (TILE * repeat))
         out = torch.empty(self.out_features)
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         kernel(self.data.reshape(self.in_features // TILE, -1), pattern.numpy(), out.numpy())
         return out
 
@@ -190,14 +192,14 @@ class TiledLinear:
         inputs, outputs = self.in_features, self.out_features
         tiles = COLUMNS // TILE
         grid = self.grid
-        words = np.empty((TILE * tiles, self.bits // 2), np.uint8)
+        words = np.empty((inputs // TILE, TILE * tiles, self.bits // 2), np.uint8)
         scratch = torch.empty(inputs * tiles * TILE)
         y = torch.empty(rows.shape[0], outputs)
         for start in range(0, outputs // TILE, tiles):
             count = min(tiles, outputs // TILE - start)
             block = scratch[:inputs * count * TILE].view(inputs // TILE, TILE, count, TILE)
             if WIDEN is not None:
-                WIDEN(grid, start, count, self.bits, block.numpy().reshape(inputs // TILE, -1), words[:TILE * count])
+                WIDEN(grid, start, count, self.bits, block.numpy().reshape(inputs // TILE, -1), words)
             else:
                 _widen_torch(grid, start, count, self.bits, block)
             y[:, TILE * start: TILE * (start + count)] = rows @ block.view(inputs, count * TILE)
