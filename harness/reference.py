@@ -88,7 +88,7 @@ def read_rule(base: WeightFile, rule: WeightRule, name: str, dims: Dims) -> Line
     the size the parameters give it."""
     shape = rule.output_shape(dims)
     if rule.role.quantized:
-        return load_linear(base, name, *shape, lookup=rule.slot == "embedding")
+        return load_linear(base, name, *shape)
     return base.vector(name, math.prod(shape))
 
 

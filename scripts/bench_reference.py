@@ -5,11 +5,13 @@ the tiny fixture model.
     python scripts/bench_reference.py --model out/model.bin --no-baseline
 
 Two weight strategies run on the same file in the same run, each in its own process (so each
-peak RSS is its own): `integer`, the runtime as shipped (int8 kept as integers, harness/linear.py),
-and `dequantized`, the approach it replaced (every matrix dequantized to float32 at load,
+peak RSS is its own): `integer`, the runtime as shipped (int8 used where it lies in the mapped
+file, harness/tiled.py), and `dequantized`, the approach it replaced (every matrix dequantized to float32 at load,
 `x @ W.T`). Per strategy, generating greedily as `lora-run` does (harness.generate): load seconds, prompt
 tokens/s (the prompt's forward pass and first token), generation tokens/s (median time between
-tokens) and peak RSS; then the ratios, and ours against llama.cpp Q8_0 on the same shape, measured in
+tokens) and peak RSS; for `integer`, where one generated token's time goes (the quantized
+products, and the stored weight bytes they read per second, against everything else); then the
+ratios, and ours against llama.cpp Q8_0 on the same shape, measured in
 the same run by scripts/llama_bench.py (built from source once, into WORKDIR/llama.cpp) with the same
 prompt length, generated tokens and threads, or, where it cannot be built or run, against its recorded
 figures (`ANCHORS`) with the reason. With a LoRA file (converted with the model when the script makes it),
@@ -84,7 +86,8 @@ def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens
     from harness.runtime import ReferenceRuntime
 
     if strategy == "dequantized":
-        reference.load_linear = lambda weights, name, rows, cols, lookup=False: FloatLinear(weights.matrix(name, rows, cols))
+        reference.load_linear = lambda weights, name, out_features, in_features: FloatLinear(
+            weights.matrix(name, out_features, in_features))
     start = time.perf_counter()
     runtime = ReferenceRuntime(model_path)
     loaded = runtime.loaded
@@ -98,9 +101,43 @@ def measure(model_path: Path, strategy: str, prompt_tokens: int, generate_tokens
     result: dict = {"load_s": load_seconds, "prompt_tokens": count, "prompt_tok_s": count / (times[1] - times[0]),
                     "generated": len(times) - 1, "generate_tok_s": 1 / statistics.median(steps),
                     "step_ms": 1000 * statistics.median(steps), "peak_rss": rss_bytes()}
+    if strategy == "integer":
+        result["split"] = time_split(loaded.model, prompt_ids(loaded, prompt))
     if lora is not None and strategy == "integer":
         result["adapters"] = measure_adapters(runtime, lora, REQUEST)
     return result
+
+
+def time_split(model, ids: list[int], tokens: int = 5) -> dict:
+    """Median over `tokens` generated tokens: seconds per token, seconds in the quantized products, and
+    the stored weight bytes those products read (each matrix once per token)."""
+    import torch
+
+    from harness.tiled import TiledLinear
+
+    call, spent, read = TiledLinear.__call__, [0.0], [0]
+
+    def timed(self, x):
+        start = time.perf_counter()
+        try:
+            return call(self, x)
+        finally:
+            spent[0] += time.perf_counter() - start
+            read[0] += self.data.nbytes
+
+    totals, products = [], []
+    TiledLinear.__call__ = timed  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            _, cache = model.forward(ids, last_only=True)
+            for _ in range(tokens):
+                spent[0], read[0], start = 0.0, 0, time.perf_counter()
+                _, cache = model.forward([ids[-1]], cache)
+                totals.append(time.perf_counter() - start)
+                products.append(spent[0])
+    finally:
+        TiledLinear.__call__ = call  # type: ignore[method-assign]
+    return {"token_s": statistics.median(totals), "products_s": statistics.median(products), "bytes": read[0]}
 
 
 def measure_adapters(runtime, lora: Path, prompt: str) -> dict:
@@ -191,6 +228,12 @@ def report(title: str, results: dict[str, dict], llama: tuple[str, dict] | None 
                    f"generation ({r['generated']}) {r['generate_tok_s']:8.2f} tok/s ({r['step_ms']:.2f} ms/token)   "
                    f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / 1e9:.2f} GB)")
     ours = results["integer"]
+    if "split" in ours:
+        split = ours["split"]
+        click.echo(f"  where a generated token's {split['token_s'] * 1e3:.0f} ms go: quantized products "
+                   f"{split['products_s'] * 1e3:.0f} ms ({split['bytes'] / 1e9:.2f} GB of stored weights, "
+                   f"{split['bytes'] / split['products_s'] / 1e9:.1f} GB/s), the rest "
+                   f"{(split['token_s'] - split['products_s']) * 1e3:.0f} ms")
     if llama:
         label, anchor = llama
         click.echo(f"  llama.cpp Q8_0 ({label}): load {anchor['load_s']:.2f} s, prompt "

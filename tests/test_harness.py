@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,63 +155,6 @@ def test_litertlm_gpu_output_equals_the_reference_runtime(files, tmp_path):
     assert_litertlm_matches_reference(Path(base), Path(adapter), tmp_path / "tiny.litertlm")
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_linear_is_the_float32_product_of_the_stored_weights(bits, monkeypatch):
-    """Integer digits of the activations lose nothing float32 would keep: the error from the exact
-    (float64) product of the stored weights is no larger than a float32 matmul's."""
-    from harness import linear
-    from harness.linear import IntMmProduct, QuantizedLinear, exact_product
-
-    generator = torch.Generator().manual_seed(bits)
-    limit = 2 ** (bits - 1)
-    values = torch.randint(-limit, limit, (96, 256), generator=generator, dtype=torch.int8)
-    scale = torch.rand(96, generator=generator) / 100
-    x = torch.randn(5, 256, generator=generator) * torch.logspace(-3, 2, 256)  # wide range, as hidden states
-    exact = x.double() @ (values.double() * scale.double()[:, None]).T
-    float32 = x @ (values.float() * scale[:, None]).T
-    for product in {exact_product(), IntMmProduct}:  # oneDNN's kernels where this CPU has exact ones
-        monkeypatch.setattr(linear, "PRODUCT", product)
-        ours = QuantizedLinear(values, scale)(x)
-        assert (ours.double() - exact).abs().max() <= (float32.double() - exact).abs().max(), product
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_embedding_rows_are_read_from_the_stored_bytes(bits):
-    """Looked-up rows come from the file's tile4 bytes (no second copy of the embedding): they are
-    the rows of the matrix the converter's own decoder (`dequantize_tiled`) gives."""
-    from converter import quantize
-    from harness.linear import StoredRows
-
-    weights = torch.randn(24, 16, generator=torch.Generator().manual_seed(bits))
-    stored = quantize.quantize_tiled(weights, bits)
-    dequantized = quantize.dequantize_tiled(stored.tiled.flatten(), stored.scale, bits, 24, 16)
-    rows = StoredRows(stored.tiled.flatten().numpy(), stored.scale, bits, 24, 16)
-    ids = torch.tensor([23, 0, 5, 6, 7, 5])  # every position in a tile (o % 4), and a repeat
-    assert torch.equal(rows(ids), dequantized[ids])
-
-
-def test_onednn_is_used_only_where_its_int8_products_are_exact():
-    """Without VNNI oneDNN sums byte pairs in saturating int16: its products of large 8-bit digits are
-    then wrong, and the probe must pick 7-bit digits (pairs stay below 2^15) where those are exact,
-    else torch._int_mm (which is exact everywhere)."""
-    from harness.linear import IntMmProduct, OneDnnProduct, SevenBitOneDnnProduct, exact_product
-
-    values = torch.full((8, 64), 127, dtype=torch.int8)
-    values[4:] = -128
-
-    def exact_for(product, digit: int) -> bool:
-        digits = torch.tensor([[digit] * 64, [-digit] * 64], dtype=torch.float32)
-        return torch.equal(product(values, torch.ones(8))(digits).double(), digits.double() @ values.double().T)
-
-    assert exact_for(IntMmProduct, 127)
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("no oneDNN in this torch build")
-    if exact_for(OneDnnProduct, 127):
-        assert exact_product() is OneDnnProduct
-    else:
-        assert exact_product() is (SevenBitOneDnnProduct if exact_for(SevenBitOneDnnProduct, 63) else IntMmProduct)
-
-
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_integer_weights_give_the_logits_of_dequantized_weights(files, quantization, monkeypatch):
     """Keeping int8/int4 as integers computes what dequantizing every weight to float32 computes."""
@@ -223,6 +167,23 @@ def test_integer_weights_give_the_logits_of_dequantized_weights(files, quantizat
     dequantized = ours(files, quantization, lora=True)
     for ids in PROMPTS:
         torch.testing.assert_close(kept.forward(ids)[0], dequantized.forward(ids)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_matrices_are_used_where_they_lie_in_the_file(files, quantization):
+    """Loading copies no quantized weights: each matrix is a view of the file's memory map, whose
+    rows are the converter's own decoding of those bytes."""
+    from converter import quantize
+    from harness.linear import load_linear
+    from harness.tiled import TiledLinear
+
+    weights = WeightFile(files[quantization][0])
+    name = "params.lm.transformer.x_layers_1.ff_layer.ffn_layer2.w"
+    loaded = load_linear(weights, name, 64, 256)
+    assert isinstance(loaded, TiledLinear) and isinstance(loaded.data.base, np.memmap)
+    scale = torch.from_numpy(weights.raw(f"{name}_quantized_scale").copy()).view(torch.float32)
+    decoded = quantize.dequantize_tiled(torch.from_numpy(weights.raw(name).copy()), scale, loaded.bits, 64, 256)
+    assert torch.equal(loaded.rows(torch.arange(64)), decoded)
 
 
 def test_truncated_quantized_tensor_is_one_clear_error(files, tmp_path):
