@@ -36,45 +36,50 @@ except ImportError:  # the sgemm path serves every row count
 
 TILE = quantize.TILE
 RUN = 128  # bytes multiplied by one repeated activation pattern (8 int8 tiles, 16 int4 ones)
-BLOCK = 1024  # stored bytes per row of `a` in one parallel block of outputs
+BLOCK = 1024  # int4: stored bytes per row of `a` in one parallel block of outputs
+SLAB = 1 << 16  # int8: stored bytes per row of `a` in one pass (its float32 accumulators: 256 KiB, in L2)
 KERNEL_ROWS = 4  # rows up to which the compiled kernel runs (one pass over the bytes per row)
 COLUMNS = 128  # outputs widened per sgemm block (measured best of 16-512 on 2048- and 16384-wide rows)
 
 
-def _matvec8(data: np.ndarray, pattern: np.ndarray, out: np.ndarray) -> None:
+def _matvec8(data: np.ndarray, pattern: np.ndarray, out: np.ndarray, parts: int) -> None:
     """int8 tile4 bytes `data` [I/4, 4*O] times the activations' `pattern` [I/4, RUN] (each `x[4a + c]`
-    repeated 4 times, c = 0..3, repeated RUN/16 times) -> `out` [O] (unscaled). Four rows of `a` per
-    pass over the accumulators (a quarter of their loads and stores), then the rest one by one."""
+    repeated 4 times, c = 0..3, repeated RUN/16 times) -> `out` [O] (unscaled). Each of `parts` threads takes a
+    contiguous share of the rows `a` (so each reads one unbroken stretch of the file) into its own
+    accumulators, a slab of SLAB bytes' width at a time (accumulators that stay in L2), four rows per
+    pass over them; the threads' sums are added at the end."""
     rows, width = data.shape
-    blocks = (width + BLOCK - 1) // BLOCK
-    for block in numba.prange(blocks):
-        start = block * BLOCK
-        count = min(BLOCK, width - start)
-        acc = np.zeros(count, np.float32)
-        for a in range(0, rows - rows % 4, 4):
-            x0, x1, x2, x3 = pattern[a], pattern[a + 1], pattern[a + 2], pattern[a + 3]
-            for run in range(0, count, RUN):
-                end = min(count, run + RUN)
-                s0 = data[a, start + run: start + end]
-                s1 = data[a + 1, start + run: start + end]
-                s2 = data[a + 2, start + run: start + end]
-                s3 = data[a + 3, start + run: start + end]
-                into = acc[run: end]
-                for j in range(end - run):
-                    into[j] += (x0[j] * np.float32(np.int32(s0[j]) - 128) + x1[j] * np.float32(np.int32(s1[j]) - 128)) + \
-                        (x2[j] * np.float32(np.int32(s2[j]) - 128) + x3[j] * np.float32(np.int32(s3[j]) - 128))
-        for a in range(rows - rows % 4, rows):
-            stored = data[a, start: start + count]
-            x = pattern[a]
-            for run in range(0, count, RUN):
-                piece = stored[run: run + RUN]
-                into = acc[run: run + RUN]
-                for j in range(len(piece)):
-                    into[j] += x[j] * np.float32(np.int32(piece[j]) - 128)
-        for t in range(count // 16):
-            for r in range(4):
-                out[start // 4 + 4 * t + r] = (acc[16 * t + r] + acc[16 * t + 4 + r]) + \
-                    (acc[16 * t + 8 + r] + acc[16 * t + 12 + r])
+    share = (rows + parts - 1) // parts
+    acc = np.zeros((parts, width), np.float32)
+    for part in numba.prange(parts):
+        first, last = min(rows, part * share), min(rows, (part + 1) * share)
+        quads = last - (last - first) % 4
+        for start in range(0, width, SLAB):
+            end = min(width, start + SLAB)
+            for a in range(first, quads, 4):
+                x0, x1, x2, x3 = pattern[a], pattern[a + 1], pattern[a + 2], pattern[a + 3]
+                for run in range(start, end, RUN):
+                    stop = min(end, run + RUN)
+                    s0, s1 = data[a, run: stop], data[a + 1, run: stop]
+                    s2, s3 = data[a + 2, run: stop], data[a + 3, run: stop]
+                    into = acc[part, run: stop]
+                    for j in range(stop - run):
+                        into[j] += (x0[j] * np.float32(np.int32(s0[j]) - 128) + x1[j] * np.float32(np.int32(s1[j]) - 128)) + \
+                            (x2[j] * np.float32(np.int32(s2[j]) - 128) + x3[j] * np.float32(np.int32(s3[j]) - 128))
+            for a in range(quads, last):
+                x = pattern[a]
+                for run in range(start, end, RUN):
+                    stop = min(end, run + RUN)
+                    piece, into = data[a, run: stop], acc[part, run: stop]
+                    for j in range(stop - run):
+                        into[j] += x[j] * np.float32(np.int32(piece[j]) - 128)
+    for t in numba.prange(width // 16):
+        for r in range(4):
+            total = np.float32(0)
+            for part in range(parts):
+                total += (acc[part, 16 * t + r] + acc[part, 16 * t + 4 + r]) + \
+                    (acc[part, 16 * t + 8 + r] + acc[part, 16 * t + 12 + r])
+            out[4 * t + r] = total
 
 
 def _matvec4(data: np.ndarray, pattern: np.ndarray, out: np.ndarray) -> None:
@@ -137,7 +142,13 @@ def _compile(kernel, parallel: bool = True):
         return numba.njit(parallel=parallel, nogil=True, fastmath={"contract"})(kernel)
 
 
-KERNELS = {8: _compile(_matvec8), 4: _compile(_matvec4)}
+def _threaded(kernel):
+    """`kernel(data, pattern, out)` on numba's current thread count (passed in: a compiled function that
+    asked numba for it could not be cached)."""
+    return None if kernel is None else lambda data, pattern, out: kernel(data, pattern, out, numba.get_num_threads())
+
+
+KERNELS = {8: _threaded(_compile(_matvec8)), 4: _compile(_matvec4)}
 WIDEN = _compile(_widen)
 
 

@@ -9,7 +9,8 @@ import torch
 from converter import quantize
 from harness import tiled
 
-SHAPES = [(4, 4), (36, 20), (1000, 300)]  # one tile; odd tile counts; several kernel blocks, a partial run
+SHAPES = [(4, 4), (36, 20), (1000, 300), (16388, 8)]  # one tile; odd tile counts; several blocks and rows per
+# thread, a partial run; rows wider than one int8 kernel slab (tiled.SLAB bytes), the last slab partial
 
 
 def stored(out_features: int, in_features: int, bits: int):
