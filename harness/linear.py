@@ -76,4 +76,3 @@ def load_linear(weights: WeightFile, name: str, out_features: int, in_features: 
     if scale.numel() != out_features:
         raise ConversionError(f"{weights.path}: tensor {scale_name} has {scale.numel()} scales, expected {out_features}")
     return TiledLinear(weights.raw(name), scale, bits, out_features, in_features)
-

@@ -220,9 +220,5 @@ class TiledLinear:
 def _widen_torch(grid: np.ndarray, start: int, count: int, bits: int, block: torch.Tensor) -> None:
     """`_widen` in torch (no numba)."""
     stored = torch.from_numpy(grid[:, start: start + count]).permute(0, 2, 1, 3)  # [a, c, t, bytes]
-    if bits == 8:
-        block.copy_(stored)
-    else:
-        block[..., 0::2].copy_(stored & 15)
-        block[..., 1::2].copy_(stored >> 4)
+    block.copy_(stored if bits == 8 else quantize.unpack_int4(stored))
     block.sub_(2 ** (bits - 1))

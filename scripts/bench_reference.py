@@ -221,6 +221,13 @@ def llama_cpp_figures(workdir: Path, threads: int, prompt_tokens: int, generate_
     return f"this run, llama-bench pp{figures.prompt_tokens}/tg{figures.generated}", asdict(figures)
 
 
+def ratios(ours: dict, other: dict) -> str:
+    """Our figures over another run's: load time, prompt and generation speed, peak RSS."""
+    return (f"load time {ours['load_s'] / other['load_s']:.2f}x, prompt speed {ours['prompt_tok_s'] / other['prompt_tok_s']:.2f}x, "
+            f"generation speed {ours['generate_tok_s'] / other['generate_tok_s']:.2f}x, "
+            f"peak RSS {ours['peak_rss'] / other['peak_rss']:.2f}x")
+
+
 def report(title: str, results: dict[str, dict], llama: tuple[str, dict] | None = None) -> None:
     click.echo(title)
     for strategy, r in results.items():
@@ -238,9 +245,7 @@ def report(title: str, results: dict[str, dict], llama: tuple[str, dict] | None 
         label, anchor = llama
         click.echo(f"  llama.cpp Q8_0 ({label}): load {anchor['load_s']:.2f} s, prompt "
                    f"{anchor['prompt_tok_s']:.1f} tok/s, generation {anchor['generate_tok_s']:.2f} tok/s, peak RSS "
-                   f"{anchor['peak_rss'] / 1e9:.2f} GB; ours / llama.cpp: load time {ours['load_s'] / anchor['load_s']:.1f}x, "
-                   f"prompt speed {ours['prompt_tok_s'] / anchor['prompt_tok_s']:.2f}x, generation speed "
-                   f"{ours['generate_tok_s'] / anchor['generate_tok_s']:.2f}x, peak RSS {ours['peak_rss'] / anchor['peak_rss']:.2f}x")
+                   f"{anchor['peak_rss'] / 1e9:.2f} GB; ours / llama.cpp: {ratios(ours, anchor)}")
     if "adapters" in ours:
         a = ours["adapters"]
         click.echo(f"  {ADAPTERS} adapters ({a['file_bytes'] / 2**20:.1f} MiB file each): {a['add_s'] * 1000:.0f} ms and "
@@ -248,11 +253,7 @@ def report(title: str, results: dict[str, dict], llama: tuple[str, dict] | None 
                    f"{a['request_tokens']}-token (KV cache) request switching adapter {a['request_s_adapter']:.2f} s vs "
                    f"{a['request_s_base']:.2f} s on the base alone ({a['request_s_adapter'] / a['request_s_base']:.2f}x)")
     if len(results) == 2:
-        ours, base = results["integer"], results["dequantized"]
-        click.echo(f"  integer / dequantized: load time {ours['load_s'] / base['load_s']:.2f}x, prompt speed "
-                   f"{ours['prompt_tok_s'] / base['prompt_tok_s']:.2f}x, generation speed "
-                   f"{ours['generate_tok_s'] / base['generate_tok_s']:.2f}x, peak RSS "
-                   f"{ours['peak_rss'] / base['peak_rss']:.2f}x")
+        click.echo(f"  integer / dequantized: {ratios(ours, results['dequantized'])}")
 
 
 @click.command()

@@ -162,7 +162,7 @@ def test_integer_weights_give_the_logits_of_dequantized_weights(files, quantizat
     from harness.linear import FloatLinear
 
     kept = ours(files, quantization, lora=True)
-    monkeypatch.setattr(reference, "load_linear", lambda weights, name, rows, cols, lookup=False:
+    monkeypatch.setattr(reference, "load_linear", lambda weights, name, rows, cols:
                         FloatLinear(weights.matrix(name, rows, cols)))
     dequantized = ours(files, quantization, lora=True)
     for ids in PROMPTS:
